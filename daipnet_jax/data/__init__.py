@@ -1,0 +1,32 @@
+"""Input pipelines (SPEC §5): sources (generated, COCO-format folder, tfds), SSD augmentation in
+tf.data, per-process sharded batching. See `pipeline` for the batch contract."""
+
+from daipnet_jax.data.coco_folder import DataStats
+from daipnet_jax.data.pipeline import (
+    EvalIterator,
+    TrainIterator,
+    eval_dataset,
+    eval_ground_truth,
+    label_map,
+    make_eval_iterator,
+    make_train_iterator,
+    num_examples,
+    num_train_examples,
+    to_global,
+    train_dataset,
+)
+
+__all__ = [
+    "DataStats",
+    "EvalIterator",
+    "TrainIterator",
+    "eval_dataset",
+    "eval_ground_truth",
+    "label_map",
+    "make_eval_iterator",
+    "make_train_iterator",
+    "num_examples",
+    "num_train_examples",
+    "to_global",
+    "train_dataset",
+]

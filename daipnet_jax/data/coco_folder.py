@@ -1,0 +1,195 @@
+"""COCO-format folders (an instances JSON + an image directory), read lazily (SPEC §5).
+
+The JSON is parsed on the host (small: ~450 MB for COCO train is the worst case, parsed once);
+images travel through tf.data as file paths and are decoded in the pipeline. A cheap validation
+pass at build time opens every image header with PIL: missing files, undecodable or unsupported
+files are skipped, non-RGB images (greyscale, CMYK, alpha, palette) are counted as converted
+(tf.io.decode_image(channels=3) converts them), and box problems are counted for the report.
+Everything is summarised in a `DataStats` logged when the pipeline is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+# Formats tf.io.decode_image can decode.
+TF_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+
+
+@dataclasses.dataclass
+class DataStats:
+    """Build-time report on a COCO-format folder (counts of images and annotations)."""
+
+    images_listed: int = 0
+    images_used: int = 0
+    missing: int = 0
+    undecodable: int = 0
+    converted_to_rgb: int = 0
+    images_without_boxes: int = 0
+    annotations: int = 0
+    crowd: int = 0
+    unknown_category: int = 0
+    boxes_clipped: int = 0
+    boxes_invalid: int = 0
+    skipped_files: list[str] = dataclasses.field(default_factory=list)
+
+    def report(self, name: str = "") -> str:
+        d = dataclasses.asdict(self)
+        skipped = d.pop("skipped_files")
+        text = f"data {name}: " + ", ".join(f"{k}={v}" for k, v in d.items())
+        if skipped:
+            text += f"; skipped e.g. {skipped[:5]}"
+        return text
+
+
+@dataclasses.dataclass
+class FolderRecords:
+    """Per-image arrays of one COCO-format split (after validation), boxes ragged by `counts`.
+
+    paths [I] str, image_ids [I] int64, counts [I] int, boxes [A, 4] float32 normalised corners
+    (not yet repaired: the tf-side sanitiser clips and drops), labels [A] int32 1..K,
+    crowd [A] bool.
+    """
+
+    paths: np.ndarray
+    image_ids: np.ndarray
+    counts: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+    crowd: np.ndarray
+    stats: DataStats
+
+    def shard(self, index: int, count: int) -> FolderRecords:
+        """Images `index, index + count, …`: disjoint shards covering the split."""
+        sel = np.arange(index, len(self.paths), count)
+        starts = np.concatenate([[0], np.cumsum(self.counts)])
+        ann = (
+            np.concatenate([np.arange(starts[i], starts[i + 1]) for i in sel]).astype(np.int64)
+            if len(sel)
+            else np.zeros([0], np.int64)
+        )
+        return FolderRecords(
+            self.paths[sel],
+            self.image_ids[sel],
+            self.counts[sel],
+            self.boxes[ann].reshape(-1, 4),
+            self.labels[ann],
+            self.crowd[ann],
+            self.stats,
+        )
+
+
+def load_json(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def categories(data: dict[str, Any]) -> tuple[list[int], list[str]]:
+    """Contiguous label table: label k (1..K) ↔ the k-th category by ascending id."""
+    cats = sorted(data.get("categories", []), key=lambda c: c["id"])
+    return [int(c["id"]) for c in cats], [str(c["name"]) for c in cats]
+
+
+def _check_image(path: str) -> tuple[str, int, int]:
+    """('ok' | 'converted' | 'missing' | 'undecodable', height, width) from the file header."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        return "missing", 0, 0
+    try:
+        with Image.open(path) as im:
+            if im.format not in TF_FORMATS:
+                return "undecodable", 0, 0
+            w, h = im.size
+            return ("ok" if im.mode == "RGB" else "converted"), h, w
+    except Exception:
+        return "undecodable", 0, 0
+
+
+def load_folder(
+    annotation_file: str,
+    image_dir: str,
+    *,
+    category_ids: list[int] | None = None,
+    validate: bool = True,
+) -> FolderRecords:
+    """Parse a COCO instances JSON and validate its images (see the module docstring).
+
+    Labels are contiguous 1..K through `category_ids` (default: this file's categories by id).
+    Boxes are normalised by the JSON's width/height (the header's when missing); degenerate,
+    inverted, non-finite and out-of-range boxes are counted here and repaired by the pipeline.
+    """
+    data = load_json(annotation_file)
+    if category_ids is None:
+        category_ids, _ = categories(data)
+    to_label = {cid: k + 1 for k, cid in enumerate(category_ids)}
+    stats = DataStats(images_listed=len(data.get("images", [])))
+    per_image: dict[int, list[dict[str, Any]]] = {}
+    for a in data.get("annotations", []):
+        per_image.setdefault(a["image_id"], []).append(a)
+    paths, ids, counts, boxes, labels, crowd = [], [], [], [], [], []
+    for img in sorted(data.get("images", []), key=lambda x: x["id"]):
+        path = os.path.join(image_dir, img["file_name"])
+        h, w = img.get("height"), img.get("width")
+        if validate or not (h and w):
+            status, hh, ww = _check_image(path)
+            if status in ("missing", "undecodable"):
+                setattr(stats, status, getattr(stats, status) + 1)
+                stats.skipped_files.append(path)
+                continue
+            stats.converted_to_rgb += status == "converted"
+            h, w = h or hh, w or ww
+        n = 0
+        for a in per_image.get(img["id"], []):
+            stats.annotations += 1
+            if a.get("category_id") not in to_label:
+                stats.unknown_category += 1
+                continue
+            x, y, bw, bh = (float(v) for v in a["bbox"])
+            box = [x / w, y / h, (x + bw) / w, (y + bh) / h]
+            finite = all(math.isfinite(v) for v in box)
+            if not finite or bw <= 0 or bh <= 0:
+                stats.boxes_invalid += 1
+            elif min(box) < 0 or max(box) > 1:
+                stats.boxes_clipped += 1
+            is_crowd = bool(a.get("iscrowd", 0))
+            stats.crowd += is_crowd
+            boxes.append(box)
+            labels.append(to_label[a["category_id"]])
+            crowd.append(is_crowd)
+            n += 1
+        stats.images_without_boxes += n == 0
+        paths.append(path)
+        ids.append(int(img["id"]))
+        counts.append(n)
+    stats.images_used = len(paths)
+    logging.info(stats.report(annotation_file))
+    return FolderRecords(
+        np.array(paths, dtype=object).astype(str) if paths else np.zeros([0], str),
+        np.array(ids, np.int64),
+        np.array(counts, np.int64),
+        np.array(boxes, np.float32).reshape(-1, 4),
+        np.array(labels, np.int32),
+        np.array(crowd, bool),
+        stats,
+    )
+
+
+def ground_truth(annotation_file: str, records: FolderRecords | None = None) -> dict[str, Any]:
+    """The COCO GT dict for pycocotools: the JSON itself (crowd kept), restricted to the images
+    the pipeline actually evaluates when `records` is given (skipped files are left out)."""
+    data = load_json(annotation_file)
+    if records is not None:
+        keep = set(records.image_ids.tolist())
+        data["images"] = [i for i in data["images"] if i["id"] in keep]
+        data["annotations"] = [a for a in data.get("annotations", []) if a["image_id"] in keep]
+    data.setdefault("info", {})
+    data.setdefault("licenses", [])
+    return data

@@ -1,0 +1,476 @@
+"""tf.data input pipelines: sources → repair → augment → pad → batch → globally sharded arrays.
+
+Batch contract (CONTRIBUTING.md; `b` = this process's part of the global batch, `G` =
+`config.data.max_boxes`, `S` = `config.model.image_size`):
+
+- train: `image [b,S,S,3] f32 RGB 0..255`, `boxes [b,G,4] f32` normalised corners,
+  `labels [b,G] int32 1..K`, `mask [b,G] bool`;
+- eval: `image`, `image_id [b] int64`, `orig_size [b,2] int32 (h, w)`, `valid [b] bool`.
+
+Sources (`config.data.source`): `generated` (a COCO-format folder written on first use into
+`config.data.data_dir`), `coco_folder` (`data.annotation_file` / `data.image_dir`, and the
+`eval_*` pair), `tfds` (`data.tfds_name` e.g. `coco/2017`, `voc/2007+voc/2012`).
+
+Bad input (SPEC §5, issue 5): missing / undecodable / unsupported image files of a folder are
+skipped at build time (`DataStats`, logged); non-RGB images are converted by
+`decode_image(channels=3)`; boxes are repaired per example by `sanitize` (non-finite → dropped,
+out of range → clipped, zero-area or inverted after clipping → dropped); crowd (and VOC
+difficult) boxes are dropped from training targets; training examples left with no box are
+skipped. These per-example counts ride through tf.data as cumulative counters and are exposed
+as `TrainIterator.stats` with the truncation and fallback counts, for the trainer to log. A
+decode failure that the header check could not see (e.g. a truncated JPEG) is dropped by
+`ignore_errors` (logged by tf.data) instead of crashing the epoch.
+
+Determinism: per-example seeds are `[config.seed, i · process_count + process_index]` with `i`
+the example's position in this process's endless stream, so a given seed gives the same batches
+whatever the parallelism (`deterministic` tf.data options).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from daipnet_jax.data import augment as aug
+from daipnet_jax.data import coco_folder, generated, tfds_sources
+
+# Cumulative per-example counters carried by the `_cum` field (see `sanitize`).
+COUNTERS = ("examples", "skipped_no_boxes", "crowd_boxes", "clipped_boxes", "invalid_boxes")
+
+
+# ------------------------------------------------------------------------------ sources
+def _generated_dir(config) -> str:
+    """The generated dataset's folder, written with the `data.generated_*` parameters if missing.
+
+    choice: an existing generated folder (e.g. written by the CLI with another seed) is used as
+    it is, never overwritten; a parameter mismatch is logged.
+    """
+    d = config.data.data_dir or os.path.join(
+        os.path.expanduser("~"), ".cache", "daipnet_jax", "generated"
+    )
+    meta = os.path.join(d, "meta.json")
+    if os.path.exists(meta):
+        written = coco_folder.load_json(meta)
+        wanted = dict(
+            num_train=config.data.generated_num_train,
+            num_val=config.data.generated_num_val,
+            num_classes=config.data.generated_num_classes,
+            image_size=config.data.generated_image_size,
+        )
+        if any(written.get(k) != v for k, v in wanted.items()):
+            logging.warning(
+                "generated dataset %s was written with %s; config asks %s", d, written, wanted
+            )
+        return d
+    generated.write_dataset(
+        d,
+        num_train=config.data.generated_num_train,
+        num_val=config.data.generated_num_val,
+        num_classes=config.data.generated_num_classes,
+        image_size=config.data.generated_image_size,
+        seed=config.data.get("generated_seed", 0),
+    )
+    return d
+
+
+def _folder_files(config, split: str) -> tuple[str, str]:
+    """(annotation JSON, image dir) of a folder source for split 'train' | 'eval'."""
+    src = config.data.source
+    if src == "generated":
+        d = _generated_dir(config)
+        name = "train" if split == "train" else "val"
+        return os.path.join(d, f"instances_{name}.json"), os.path.join(d, "images", name)
+    if src == "coco_folder":
+        if split == "train":
+            return config.data.annotation_file, config.data.image_dir
+        return config.data.eval_annotation_file, config.data.eval_image_dir
+    raise ValueError(f"{src!r} is not a folder source")
+
+
+@functools.lru_cache(maxsize=16)
+def _load_folder(
+    annotation_file: str, image_dir: str, category_ids: tuple[int, ...], validate: bool
+):
+    return coco_folder.load_folder(
+        annotation_file, image_dir, category_ids=list(category_ids), validate=validate
+    )
+
+
+def label_map(config) -> tuple[list[int], list[str]]:
+    """(category_ids, names): label k ∈ 1..K is category `category_ids[k-1]`, named `names[k-1]`."""
+    if config.data.source == "tfds":
+        return tfds_sources.label_map(config.data.tfds_name)
+    ann, _ = _folder_files(config, "train")
+    if not ann:
+        ann, _ = _folder_files(config, "eval")
+    return coco_folder.categories(coco_folder.load_json(ann))
+
+
+def folder_records(config, split: str) -> coco_folder.FolderRecords:
+    """Validated records of a folder source (cached per file)."""
+    ann, img_dir = _folder_files(config, split)
+    if not ann:
+        raise ValueError(
+            f"config.data: no annotation file for the {split} split of {config.data.source}"
+        )
+    ids, _ = label_map(config)
+    return _load_folder(ann, img_dir, tuple(ids), bool(config.data.get("validate_files", True)))
+
+
+def _split_name(config, split: str) -> str:
+    return config.data.train_split if split == "train" else config.data.eval_split
+
+
+def num_examples(config, split: str = "train") -> int:
+    """Examples in the whole split (all processes; folder files that failed validation excluded)."""
+    if config.data.source == "tfds":
+        return tfds_sources.num_examples(
+            config.data.tfds_name,
+            _split_name(config, split),
+            config.data.data_dir,
+            first_only=split != "train",
+        )
+    return len(folder_records(config, split).paths)
+
+
+def num_train_examples(config) -> int:
+    """The epoch size for epoch-based schedules (`config.train.train_examples` when > 0)."""
+    if config.train.get("train_examples", -1) > 0:
+        return int(config.train.train_examples)
+    return num_examples(config, "train")
+
+
+def eval_ground_truth(config) -> dict[str, Any]:
+    """The evaluation split's ground truth as a COCO-format dict (crowd boxes kept)."""
+    if config.data.source == "tfds":
+        return tfds_sources.ground_truth(
+            config.data.tfds_name, config.data.eval_split, config.data.data_dir
+        )
+    ann, _ = _folder_files(config, "eval")
+    return coco_folder.ground_truth(ann, folder_records(config, "eval"))
+
+
+def _folder_dataset(rec: coco_folder.FolderRecords) -> tf.data.Dataset:
+    lengths = rec.counts.astype(np.int64)
+    return tf.data.Dataset.from_tensor_slices(
+        dict(
+            path=tf.constant(rec.paths.astype(str), tf.string),
+            boxes=tf.RaggedTensor.from_row_lengths(rec.boxes, lengths),
+            labels=tf.RaggedTensor.from_row_lengths(rec.labels, lengths),
+            crowd=tf.RaggedTensor.from_row_lengths(rec.crowd, lengths),
+            image_id=rec.image_ids,
+        )
+    )
+
+
+def records(config, split: str, process_index: int, process_count: int, shuffle_seed: int | None):
+    """This process's shard of `split` as record dicts and the shard's size."""
+    if config.data.source == "tfds":
+        ds = tfds_sources.records(
+            config.data.tfds_name,
+            _split_name(config, split),
+            config.data.data_dir,
+            process_index=process_index,
+            process_count=process_count,
+            shuffle_seed=shuffle_seed,
+            first_only=split != "train",
+        )
+        ds = ds.map(lambda r: {k: v for k, v in r.items() if k != "area"})
+        return ds, None
+    rec = folder_records(config, split).shard(process_index, process_count)
+    return _folder_dataset(rec), len(rec.paths)
+
+
+# ------------------------------------------------------------------------------ per example
+def decode(record: Mapping[str, tf.Tensor]) -> tf.Tensor:
+    """Image [H, W, 3] uint8 RGB: greyscale, alpha, CMYK and palette images are converted."""
+    data = tf.io.read_file(record["path"]) if "path" in record else record["encoded"]
+    img = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+    img.set_shape([None, None, 3])
+    return img
+
+
+def sanitize(
+    boxes: tf.Tensor, labels: tf.Tensor, crowd: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, dict[str, tf.Tensor]]:
+    """Training targets from raw boxes [N, 4] (normalised corners), labels [N], crowd [N].
+
+    Non-finite boxes are dropped; the others are clipped to [0, 1]; boxes with zero or negative
+    width or height after clipping (zero-area, inverted, fully outside) are dropped; crowd boxes
+    are dropped. Returns (boxes [M, 4], labels [M], counts) with counts of `crowd_boxes`,
+    `clipped_boxes` (valid boxes that needed clipping) and `invalid_boxes` (dropped).
+    """
+    boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
+    finite = tf.reduce_all(tf.math.is_finite(boxes), axis=1)
+    safe = tf.where(finite[:, None], boxes, 0.0)
+    clipped = tf.clip_by_value(safe, 0.0, 1.0)
+    valid = finite & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    changed = tf.reduce_any(tf.not_equal(clipped, safe), axis=1) & valid
+    crowd = tf.cast(crowd, tf.bool)
+    keep = valid & ~crowd
+    counts = dict(
+        crowd_boxes=tf.reduce_sum(tf.cast(crowd, tf.int64)),
+        clipped_boxes=tf.reduce_sum(tf.cast(changed & ~crowd, tf.int64)),
+        invalid_boxes=tf.reduce_sum(tf.cast(~valid & ~crowd, tf.int64)),
+    )
+    return tf.boolean_mask(clipped, keep), tf.boolean_mask(tf.cast(labels, tf.int32), keep), counts
+
+
+def pad_targets(boxes: tf.Tensor, labels: tf.Tensor, max_boxes: int):
+    """Pad / truncate boxes [M, 4], labels [M] to [G, 4], [G] with mask [G]; also the number
+    of boxes truncated (choice: the first G boxes are kept)."""
+    n = tf.shape(labels)[0]
+    k = tf.minimum(n, max_boxes)
+    pad = max_boxes - k
+    b = tf.pad(boxes[:k], [[0, pad], [0, 0]])
+    lab = tf.pad(labels[:k], [[0, pad]])
+    mask = tf.range(max_boxes) < k
+    b = tf.ensure_shape(b, [max_boxes, 4])
+    lab = tf.ensure_shape(lab, [max_boxes])
+    return b, lab, mask, tf.cast(n - k, tf.int32)
+
+
+def example_seed(seed: int, index: tf.Tensor, process_index: int, process_count: int) -> tf.Tensor:
+    """Per-example stateless seed [2] int64."""
+    return tf.stack([tf.constant(seed, tf.int64), index * process_count + process_index])
+
+
+# ------------------------------------------------------------------------------ datasets
+def _options(config) -> tf.data.Options:
+    o = tf.data.Options()
+    o.deterministic = True
+    o.experimental_optimization.map_parallelization = True
+    o.experimental_optimization.inject_prefetch = False
+    return o
+
+
+def _parallel(config) -> int:
+    n = int(config.data.num_parallel_calls)
+    return tf.data.AUTOTUNE if n <= 0 else n
+
+
+def local_batch_size(global_batch: int, process_count: int) -> int:
+    if global_batch % process_count:
+        raise ValueError(f"batch size {global_batch} is not divisible by {process_count} processes")
+    return global_batch // process_count
+
+
+def train_dataset(
+    config, process_index: int = 0, process_count: int = 1, *, batch: bool = True
+) -> tf.data.Dataset:
+    """This process's endless training stream (batched to its part of the global batch, with the
+    private `_cum`, `_truncated`, `_fallback` counter fields)."""
+    ds, n = records(config, "train", process_index, process_count, shuffle_seed=config.seed)
+    if config.data.cache:
+        ds = ds.cache()
+    buf = n if n is not None else int(config.data.shuffle_buffer)
+    ds = ds.shuffle(max(buf, 1), seed=config.seed, reshuffle_each_iteration=True)
+    ds = ds.repeat().enumerate()
+
+    def repair(i, r):
+        boxes, labels, c = sanitize(r["boxes"], r["labels"], r["crowd"])
+        out = {k: v for k, v in r.items() if k not in ("boxes", "labels", "crowd")}
+        out.update(
+            boxes=boxes,
+            labels=labels,
+            seed=example_seed(config.seed, i, process_index, process_count),
+        )
+        empty = tf.cast(tf.equal(tf.shape(labels)[0], 0), tf.int64)
+        inc = tf.stack(
+            [
+                tf.constant(1, tf.int64),
+                empty,
+                c["crowd_boxes"],
+                c["clipped_boxes"],
+                c["invalid_boxes"],
+            ]
+        )
+        return out, inc
+
+    def count(state, elem):
+        r, inc = elem
+        state = state + inc
+        return state, dict(r, _cum=state, _empty=inc[1] > 0)
+
+    ds = ds.map(repair).scan(tf.zeros([len(COUNTERS)], tf.int64), count)
+    ds = ds.filter(lambda r: ~r["_empty"])
+    size = int(config.model.image_size)
+    mean = tuple(float(v) for v in config.model.pixel_mean)
+
+    def prepare(r):
+        image = tf.cast(decode(r), tf.float32)
+        if config.data.augment:
+            image, boxes, labels, fell_back = aug.augment(
+                image,
+                r["boxes"],
+                r["labels"],
+                r["seed"],
+                size=size,
+                pixel_mean=mean,
+                expand_prob=float(config.data.expand_prob),
+                max_expand_ratio=float(config.data.max_expand_ratio),
+            )
+        else:
+            image, boxes, labels = aug.resize_plain(image, size), r["boxes"], r["labels"]
+            fell_back = tf.constant(False)
+        boxes, labels, mask, truncated = pad_targets(boxes, labels, int(config.data.max_boxes))
+        return dict(
+            image=image,
+            boxes=boxes,
+            labels=labels,
+            mask=mask,
+            _cum=r["_cum"],
+            _truncated=truncated,
+            _fallback=fell_back,
+        )
+
+    ds = ds.map(prepare, num_parallel_calls=_parallel(config))
+    ds = ds.ignore_errors(log_warning=True)
+    if batch:
+        b = local_batch_size(int(config.train.batch_size), process_count)
+        ds = ds.batch(b, drop_remainder=True)
+    ds = ds.prefetch(int(config.data.prefetch) if config.data.prefetch > 0 else tf.data.AUTOTUNE)
+    return ds.with_options(_options(config))
+
+
+def eval_num_batches(num: int, batch: int, process_count: int) -> int:
+    """Batches per process: the same on every process (largest shard, rounded up)."""
+    per_process = -(-num // process_count)
+    return max(1, -(-per_process // batch))
+
+
+def eval_dataset(
+    config, process_index: int = 0, process_count: int = 1
+) -> tuple[tf.data.Dataset, int]:
+    """This process's evaluation batches (finite) and their number."""
+    size = int(config.model.image_size)
+    b = local_batch_size(int(config.train.eval_batch_size), process_count)
+    nb = eval_num_batches(num_examples(config, "eval"), b, process_count)
+    ds, _ = records(config, "eval", process_index, process_count, shuffle_seed=None)
+
+    def prepare(r):
+        img = decode(r)
+        return dict(
+            image=aug.resize_plain(tf.cast(img, tf.float32), size),
+            image_id=tf.cast(r["image_id"], tf.int64),
+            orig_size=tf.shape(img)[:2],
+            valid=tf.constant(True),
+        )
+
+    ds = ds.map(prepare, num_parallel_calls=_parallel(config)).ignore_errors(log_warning=True)
+    dummy = dict(
+        image=tf.zeros([size, size, 3], tf.float32),
+        image_id=tf.constant(-1, tf.int64),
+        orig_size=tf.constant([1, 1], tf.int32),
+        valid=tf.constant(False),
+    )
+    # Padding examples fill the last batch and any shard shorter than the longest: every
+    # process yields exactly `nb` batches of static shape.
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(dummy).repeat()).take(nb * b)
+    ds = ds.batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(_options(config)), nb
+
+
+# ------------------------------------------------------------------------------ iterators
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return int(process_index), int(process_count)
+
+
+class TrainIterator(Iterator[dict[str, np.ndarray]]):
+    """Endless iterator of this process's training batches (numpy dicts of the contract).
+
+    `stats` holds running counts since the start: `examples` read, `skipped_no_boxes`,
+    `crowd_boxes`, `clipped_boxes`, `invalid_boxes`, `truncated_boxes`, `fallback_unaugmented`,
+    plus the build-time `DataStats` of folder sources (`build`).
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, num_examples: int, build_stats: Any = None):
+        self.dataset = dataset
+        self.num_examples = num_examples
+        self.build_stats = build_stats
+        self._it = dataset.as_numpy_iterator()
+        self._cum = np.zeros([len(COUNTERS)], np.int64)
+        self._truncated = 0
+        self._fallback = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        b = next(self._it)
+        self._cum = np.maximum(self._cum, b.pop("_cum").max(axis=0))
+        self._truncated += int(b.pop("_truncated").sum())
+        self._fallback += int(b.pop("_fallback").sum())
+        return b
+
+    @property
+    def stats(self) -> dict[str, int]:
+        out = {k: int(v) for k, v in zip(COUNTERS, self._cum, strict=True)}
+        out.update(truncated_boxes=self._truncated, fallback_unaugmented=self._fallback)
+        return out
+
+
+class EvalIterator:
+    """Re-iterable: each `iter()` is one full pass over this process's evaluation shard."""
+
+    def __init__(self, dataset: tf.data.Dataset, num_batches: int):
+        self.dataset = dataset
+        self.num_batches = num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.dataset.as_numpy_iterator())
+
+
+def make_train_iterator(
+    config, process_index: int | None = None, process_count: int | None = None
+) -> TrainIterator:
+    """This process's endless, shuffled, augmented training batches of
+    `config.train.batch_size // process_count` examples (see the module docstring)."""
+    pi, pc = _process(process_index, process_count)
+    build = None
+    if config.data.source != "tfds":
+        build = folder_records(config, "train").stats
+        logging.info(build.report("train"))
+    ds = train_dataset(config, pi, pc)
+    return TrainIterator(ds, num_train_examples(config), build)
+
+
+def make_eval_iterator(
+    config, process_index: int | None = None, process_count: int | None = None
+) -> EvalIterator:
+    """This process's evaluation batches of `config.train.eval_batch_size // process_count`,
+    the last ones padded with `valid=False` examples."""
+    pi, pc = _process(process_index, process_count)
+    if config.data.source != "tfds":
+        logging.info(folder_records(config, "eval").stats.report("eval"))
+    ds, nb = eval_dataset(config, pi, pc)
+    return EvalIterator(ds, nb)
+
+
+def to_global(batch: Mapping[str, np.ndarray], mesh_or_sharding: Any) -> dict[str, Any]:
+    """Process-local batch → global `jax.Array`s sharded along the batch axis.
+
+    `mesh_or_sharding`: a `jax.sharding.Mesh` (the batch axis is split over all its axes) or a
+    `jax.sharding.Sharding` used for every field. Global batch = local batch × process count.
+    """
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    if isinstance(mesh_or_sharding, Mesh):
+        sharding = NamedSharding(mesh_or_sharding, PartitionSpec(mesh_or_sharding.axis_names))
+    else:
+        sharding = mesh_or_sharding
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }

@@ -1,0 +1,191 @@
+"""Bad input (issue 5): each case repaired or skipped, counted and reported; no crash, no NaN."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from daipnet_jax import data
+from daipnet_jax.config import base_config
+from daipnet_jax.data import coco_folder, pipeline
+
+
+def _save(path: pathlib.Path, img: Image.Image, fmt: str) -> None:
+    img.save(path, fmt)
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory):
+    """A folder with one image per problem. Returns (config, annotation file, the JSON)."""
+    root = tmp_path_factory.mktemp("bad")
+    imgs = root / "images"
+    imgs.mkdir()
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    rgb[10:30, 10:40] = (200, 50, 20)
+    files = {
+        "good.jpg": lambda p: _save(p, Image.fromarray(rgb), "JPEG"),
+        "grey.png": lambda p: _save(p, Image.fromarray(np.full((40, 60), 77, np.uint8)), "PNG"),
+        "alpha.png": lambda p: _save(
+            p, Image.fromarray(np.dstack([rgb, np.full((40, 60), 9, np.uint8)])), "PNG"
+        ),
+        "cmyk.jpg": lambda p: _save(p, Image.new("CMYK", (60, 40), (0, 255, 255, 0)), "JPEG"),
+        "garbage.jpg": lambda p: p.write_bytes(b"this is not an image at all" * 10),
+        "tiff.tif": lambda p: _save(p, Image.fromarray(rgb), "TIFF"),
+        "noboxes.jpg": lambda p: _save(p, Image.fromarray(rgb), "JPEG"),
+        "badboxes.jpg": lambda p: _save(p, Image.fromarray(rgb), "JPEG"),
+    }
+    for name, write in files.items():
+        write(imgs / name)
+    names = [*files, "missing.jpg"]
+    images = [{"id": i + 1, "file_name": n, "height": 40, "width": 60} for i, n in enumerate(names)]
+    good_box = [10, 10, 30, 20]
+    anns = []
+    for img in images:
+        if img["file_name"] == "noboxes.jpg":
+            continue
+        if img["file_name"] == "badboxes.jpg":
+            boxes = [
+                [5, 5, 0, 10],
+                [30, 5, -10, 10],
+                [-10, -5, 30, 20],
+                [1, 1, 5, 5],
+            ]  # zero-area, inverted, out of range, fine
+        else:
+            boxes = [good_box]
+        for b in boxes:
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": img["id"],
+                    "category_id": 5,
+                    "bbox": b,
+                    "area": 1,
+                    "iscrowd": 0,
+                }
+            )
+    anns.append(
+        {"id": 999, "image_id": 1, "category_id": 77, "bbox": good_box, "area": 1, "iscrowd": 0}
+    )  # unknown category
+    gt = {"images": images, "annotations": anns, "categories": [{"id": 5, "name": "thing"}]}
+    ann_file = root / "ann.json"
+    ann_file.write_text(json.dumps(gt))
+    c = base_config("daipnet300", "coco_folder", width=0.125)
+    c.data.source = "coco_folder"
+    c.model.num_classes = 2
+    c.data.max_boxes = 4
+    c.data.annotation_file = c.data.eval_annotation_file = str(ann_file)
+    c.data.image_dir = c.data.eval_image_dir = str(imgs)
+    c.model.image_size = 300
+    return c, gt
+
+
+def test_build_time_report(bad_folder, caplog):
+    c, _ = bad_folder
+    rec = coco_folder.load_folder(c.data.annotation_file, c.data.image_dir)
+    s = rec.stats
+    assert s.images_listed == 9 and s.images_used == 6
+    assert (s.missing, s.undecodable, s.converted_to_rgb) == (1, 2, 3)  # garbage + tiff undecodable
+    assert s.images_without_boxes == 1 and s.unknown_category == 1
+    assert (s.boxes_invalid, s.boxes_clipped) == (2, 1)
+    assert {pathlib.Path(p).name for p in s.skipped_files} == {
+        "missing.jpg",
+        "garbage.jpg",
+        "tiff.tif",
+    }
+    assert "missing=1" in s.report() and "undecodable=2" in s.report()
+    with caplog.at_level(logging.INFO):
+        data.make_train_iterator(c, 0, 1)
+    assert any("missing=1" in r.getMessage() for r in caplog.records)
+
+
+def test_converted_images_decode_to_rgb(bad_folder):
+    c, _ = bad_folder
+    root = pathlib.Path(c.data.image_dir)
+    dec = lambda n: pipeline.decode({"path": str(root / n)}).numpy()  # noqa: E731
+    assert dec("grey.png").shape == (40, 60, 3) and (dec("grey.png") == 77).all()
+    alpha = dec("alpha.png")
+    assert (
+        alpha.shape == (40, 60, 3)
+        and tuple(alpha[15, 15]) == (200, 50, 20)
+        and alpha[0, 0].sum() == 0
+    )
+    cmyk = dec("cmyk.jpg")
+    want = np.asarray(Image.open(root / "cmyk.jpg").convert("RGB"))
+    assert cmyk.shape == (40, 60, 3) and np.abs(cmyk.astype(int) - want).max() <= 2
+
+
+def test_training_over_bad_folder_counts_and_no_nan(bad_folder):
+    c, _ = bad_folder
+    c = c.copy_and_resolve_references()
+    c.train.batch_size = 5
+    it = data.make_train_iterator(c, 0, 1)
+    batches = [next(it) for _ in range(4)]  # 20 examples from 5 usable images per epoch
+    for b in batches:
+        assert np.isfinite(b["image"]).all() and np.isfinite(b["boxes"]).all()
+        assert b["mask"].any(axis=1).all()
+        box = b["boxes"][b["mask"]]
+        assert np.all((box >= 0) & (box <= 1)) and np.all(box[:, 2:] > box[:, :2])
+    st = it.stats
+    epochs = st["examples"] / 6  # 6 listed-and-readable images per pass, one without boxes
+    assert st["examples"] >= 24 and st["skipped_no_boxes"] == pytest.approx(epochs, abs=1)
+    assert st["invalid_boxes"] == pytest.approx(2 * epochs, abs=2)
+    assert st["clipped_boxes"] == pytest.approx(epochs, abs=1)
+
+
+def test_truncated_jpeg_dropped_not_crashing(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG")
+    (tmp_path / "ok.jpg").write_bytes(buf.getvalue())
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])  # header intact
+    gt = {
+        "images": [
+            {"id": 1, "file_name": "ok.jpg", "height": 64, "width": 64},
+            {"id": 2, "file_name": "cut.jpg", "height": 64, "width": 64},
+        ],
+        "annotations": [
+            {
+                "id": k,
+                "image_id": k,
+                "category_id": 1,
+                "bbox": [5, 5, 30, 30],
+                "area": 900,
+                "iscrowd": 0,
+            }
+            for k in (1, 2)
+        ],
+        "categories": [{"id": 1, "name": "a"}],
+    }
+    (tmp_path / "a.json").write_text(json.dumps(gt))
+    rec = coco_folder.load_folder(str(tmp_path / "a.json"), str(tmp_path))
+    assert rec.stats.images_used == 2  # the header check cannot see the truncation
+    c = base_config("daipnet300", "coco_folder", width=0.125)
+    c.data.source = "coco_folder"
+    c.data.annotation_file = c.data.eval_annotation_file = str(tmp_path / "a.json")
+    c.data.image_dir = c.data.eval_image_dir = str(tmp_path)
+    c.train.batch_size = 2
+    c.train.eval_batch_size = 2
+    b = next(data.make_train_iterator(c, 0, 1))  # the cut file is dropped at decode time
+    assert np.isfinite(b["image"]).all() and b["image"].shape == (2, 300, 300, 3)
+    (e,) = list(data.make_eval_iterator(c, 0, 1))
+    assert e["image_id"].tolist() == [1, -1] and e["valid"].tolist() == [True, False]
+
+
+def test_missing_annotation_file_and_bad_source(tmp_path):
+    c = base_config("daipnet300", "coco_folder", width=0.125)
+    c.data.source = "coco_folder"
+    c.data.annotation_file = str(tmp_path / "nope.json")
+    with pytest.raises(FileNotFoundError, match=r"nope\.json"):
+        data.make_train_iterator(c, 0, 1)
+    c.data.annotation_file = ""
+    with pytest.raises(ValueError, match="no annotation file"):
+        data.num_train_examples(c)
+    c.data.source = "imagenet"
+    with pytest.raises(ValueError, match="imagenet"):
+        data.num_train_examples(c)
