@@ -1,0 +1,40 @@
+"""Multibox heads (SPEC §3.5): per source a 3×3 pad-1 conv (with bias) for loc (k·4 channels)
+and one for conf (k·num_classes), k = anchors per location from the prior table
+(`config.anchors_per_location`). Names `loc{s}` / `conf{s}` = official `loc.s` / `conf.s`.
+
+Outputs are reshaped in NHWC order (row, column, anchor), which is PyTorch's
+`permute(0, 2, 3, 1).view(B, -1, 4)`, concatenated over sources, and returned in float32:
+loc [B, P, 4], logits [B, P, num_classes].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from daipnet_jax.models.layers import Array, Dtype, conv
+
+
+class MultiboxHeads(nn.Module):
+    """Sources [[B, f_s, f_s, C_s]] → (loc [B, P, 4] f32, logits [B, P, num_classes] f32)."""
+
+    anchors: tuple[int, ...]
+    num_classes: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, sources: Sequence[Array]) -> tuple[Array, Array]:
+        if len(sources) != len(self.anchors):
+            raise ValueError(f"{len(sources)} head sources but {len(self.anchors)} prior levels")
+        locs, confs = [], []
+        for s, (x, k) in enumerate(zip(sources, self.anchors, strict=True)):
+            b = x.shape[0]
+            loc = conv(k * 4, 3, padding=1, dtype=self.dtype, name=f"loc{s}")(x)
+            conf = conv(k * self.num_classes, 3, padding=1, dtype=self.dtype, name=f"conf{s}")(x)
+            locs.append(loc.reshape(b, -1, 4))
+            confs.append(conf.reshape(b, -1, self.num_classes))
+        loc_out = jnp.concatenate(locs, axis=1).astype(jnp.float32)
+        conf_out = jnp.concatenate(confs, axis=1).astype(jnp.float32)
+        return loc_out, conf_out

@@ -1,0 +1,203 @@
+"""Building blocks shared by every detector component (SPEC §1–3).
+
+- `ConvBN`: "CB(a→b, k×k, s, p)" of SPEC §1 (conv without bias, BatchNorm, ReLU) and, with
+  `relu=False`, "CB−". Submodule names `conv` / `bn` mirror the official LRF `ConvBlock`.
+- `conv`: a plain convolution ("Conv" in the spec), bias on by default.
+- `batch_norm`: BatchNorm with the spec's constants (eps 1e-5, running-average momentum 0.99 in
+  Flax terms, which is PyTorch momentum 0.01).
+- `max_pool`: PyTorch `MaxPool2d` semantics (symmetric −∞ padding, optional ceil mode).
+- `resize_bilinear`: exactly PyTorch `F.interpolate(mode='bilinear', align_corners=False)`
+  (or `True`), including non-integer factors such as 5 → 38.
+- `channels`: the `config.model.width` scaling of every channel count.
+
+Every convolution is given an explicit symmetric padding (never 'SAME': with stride 2 XLA's SAME
+pads asymmetrically, PyTorch does not). Layout NHWC throughout.
+
+choice: initialisation is He-normal with fan-out (`kaiming_normal_(mode='fan_out')`, an untruncated
+normal) for every conv, zero biases, BatchNorm γ = 1, β = 0 (SPEC §3.5).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+
+BN_MOMENTUM = 0.99  # Flax running-average momentum = 1 - PyTorch momentum 0.01 (SPEC §1)
+BN_EPSILON = 1e-5
+
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def channels(n: int | float, width: float, minimum: int = 1) -> int:
+    """`n` channels scaled by `config.model.width`, rounded, at least `minimum`."""
+    return max(minimum, round(n * width))
+
+
+def compute_dtype(name: str) -> Dtype:
+    """`config.model.dtype` ('float32' | 'bfloat16') as a jnp dtype."""
+    table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if name not in table:
+        raise ValueError(f"model.dtype={name!r}: expected one of {sorted(table)}")
+    return table[name]
+
+
+def normalize(images: Array, mean: Sequence[float], std: Sequence[float]) -> Array:
+    """The model's first step (SPEC §1): `(x - pixel_mean) / pixel_std`, in float32.
+
+    images: [B, S, S, 3] RGB in [0, 255] → [B, S, S, 3] float32.
+    """
+    x = images.astype(jnp.float32)
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def conv(
+    features: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.Conv:
+    """A k×k convolution with explicit symmetric padding, params float32, compute `dtype`."""
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        kernel_dilation=(dilation, dilation),
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=conv_init,
+        bias_init=nn.initializers.zeros,
+        name=name,
+    )
+
+
+def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.BatchNorm:
+    """BatchNorm (eps 1e-5, momentum 0.99); batch statistics in train mode, running ones in eval.
+
+    Note: Flax updates the running variance with the biased batch variance (PyTorch uses the
+    unbiased one); this only affects training, not converted-weight parity in eval mode.
+    """
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+class ConvBN(nn.Module):
+    """CB / CB− of SPEC §1: conv (no bias) → BatchNorm → ReLU (ReLU omitted when `relu=False`).
+
+    [B, H, W, Cin] → [B, H', W', features]. Submodules `conv` (kernel) and `bn`
+    (scale, bias; batch_stats mean, var), as the official LRF `ConvBlock.{conv,bn}`.
+    """
+
+    features: int
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    relu: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        x = conv(
+            self.features,
+            self.kernel,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            use_bias=False,
+            dtype=self.dtype,
+            name="conv",
+        )(x)
+        x = batch_norm(train, self.dtype, name="bn")(x)
+        return nn.relu(x) if self.relu else x
+
+
+def max_pool(
+    x: Array, window: int, stride: int, padding: int = 0, ceil_mode: bool = False
+) -> Array:
+    """PyTorch `MaxPool2d(window, stride, padding, ceil_mode)` on [B, H, W, C] (−∞ padding).
+
+    Ceil mode adds right/bottom padding so that the last window may hang over the edge, but (as in
+    PyTorch) never starts inside the padding: 75 → 38 with window 2, stride 2.
+    """
+    pads = []
+    for n in x.shape[1:3]:
+        lo = hi = padding
+        if ceil_mode:
+            out = -(-(n + 2 * padding - window) // stride) + 1
+            if (out - 1) * stride >= n + padding:
+                out -= 1
+            hi = max(padding, (out - 1) * stride + window - n - padding)
+        pads.append((lo, hi))
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=tuple(pads))
+
+
+@functools.lru_cache(maxsize=256)
+def linear_indices_weights(
+    in_size: int, out_size: int, align_corners: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (i0, i1) and weights (w0, w1) of 1-D linear interpolation, PyTorch style.
+
+    align_corners=False: src = max(0, (dst + 0.5)·in/out − 0.5) (half-pixel centres, edge clamp);
+    align_corners=True: src = dst·(in − 1)/(out − 1). i0 = floor(src) (≤ in − 1),
+    i1 = min(i0 + 1, in − 1), w1 = src − i0, w0 = 1 − w1. float32 arithmetic as PyTorch's CPU
+    kernel (`area_pixel_compute_source_index`, `guard_index_and_lambda`).
+    """
+    dst = np.arange(out_size, dtype=np.float32)
+    f32 = np.float32
+    if align_corners:
+        scale = f32(in_size - 1) / f32(out_size - 1) if out_size > 1 else f32(0.0)
+        src = scale * dst
+    else:
+        scale = f32(in_size) / f32(out_size)
+        src = np.maximum(scale * (dst + f32(0.5)) - f32(0.5), f32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
+    w1 = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
+    i1 = np.minimum(i0 + 1, in_size - 1).astype(np.int32)
+    return i0, i1, (f32(1.0) - w1).astype(np.float32), w1
+
+
+def _interp_axis(x: Array, axis: int, out_size: int, align_corners: bool) -> Array:
+    i0, i1, w0, w1 = linear_indices_weights(x.shape[axis], out_size, align_corners)
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    a = jnp.take(x, jnp.asarray(i0), axis=axis, mode="clip")
+    b = jnp.take(x, jnp.asarray(i1), axis=axis, mode="clip")
+    return a * jnp.asarray(w0).reshape(shape) + b * jnp.asarray(w1).reshape(shape)
+
+
+def resize_bilinear(x: Array, size: tuple[int, int], align_corners: bool = False) -> Array:
+    """Bilinear resize of [B, H, W, C] to [B, size[0], size[1], C] (SPEC §3.4).
+
+    Equals PyTorch `F.interpolate(x, size, mode='bilinear', align_corners=...)` (and the
+    `scale_factor` form where out = in·factor exactly). Separable: two static gathers plus a
+    weighted sum per axis (exact under any matmul precision, cheap on CPU). Computed in float32,
+    returned in `x.dtype`.
+    """
+    if tuple(x.shape[1:3]) == tuple(size):
+        return x
+    y = x.astype(jnp.float32)
+    y = _interp_axis(y, 2, size[1], align_corners)
+    y = _interp_axis(y, 1, size[0], align_corners)
+    return y.astype(x.dtype)
