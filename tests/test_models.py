@@ -193,6 +193,11 @@ def test_conv_init_is_he_normal_fan_out():
     assert abs(kernel.std() / math.sqrt(2.0 / (256 * 9)) - 1) < 0.05
     assert abs(kernel.mean()) < 0.002
     assert not np.any(np.asarray(params["bias"]))
+    # A pure function of the key: same key, same draw; another key, another draw; under jit too.
+    again = jax.jit(layer.init)(jax.random.key(0), jnp.zeros((1, 4, 4, 8)))["params"]["kernel"]
+    other = layer.init(jax.random.key(1), jnp.zeros((1, 4, 4, 8)))["params"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(again), kernel)
+    assert not np.allclose(np.asarray(other), kernel)
 
 
 def test_channels_width_rounding():

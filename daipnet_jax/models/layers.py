@@ -34,7 +34,28 @@ Dtype = Any
 BN_MOMENTUM = 0.99  # Flax running-average momentum = 1 - PyTorch momentum 0.01 (SPEC §1)
 BN_EPSILON = 1e-5
 
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv_init(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
+    """He-normal, fan-out initialiser of an HWIO kernel: N(0, 2 / (kh·kw·C_out)) (SPEC §3.5).
+
+    choice: the normal draws are made by NumPy on the host through `jax.pure_callback`, seeded
+    by the parameter's own key, so the result is still a pure function of the key. Measured on
+    the 2-core machine: `jax.jit(model.init)` of DAIPNet300 at width 0.25 compiled in 98 s with
+    JAX's threefry draws (46 s with `rbg`) against 4.8 s without random draws, because XLA
+    compiles one random-number kernel per parameter. Initialisation is outside the train step,
+    so the host round trip costs nothing there.
+    """
+    fan_out = int(np.prod(shape[:-2], dtype=np.int64)) * shape[-1]
+    std = float(np.sqrt(2.0 / fan_out))
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+
+    def draw(bits: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(np.asarray(bits, dtype=np.uint32).ravel().tolist())
+        return (rng.standard_normal(shape) * std).astype(dtype)
+
+    return jax.pure_callback(draw, jax.ShapeDtypeStruct(shape, dtype), key)
 
 
 def channels(n: int | float, width: float, minimum: int = 1) -> int:
