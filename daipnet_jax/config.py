@@ -185,7 +185,7 @@ def base_config(variant: str, dataset: str, *, width: float = 1.0) -> ml_collect
     p.nms_iou = 0.45
     p.per_class_max = 50
     p.max_detections = 200
-    p.pre_nms_top_k = 400  # candidates per class fed to NMS (see postprocess.detect)
+    p.pre_nms_top_k = 1000  # candidates per class fed to NMS (see postprocess.detect)
 
     t = c.train = ml_collections.ConfigDict()
     t.batch_size = 32  # global, over all devices and hosts
