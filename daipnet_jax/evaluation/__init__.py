@@ -1,0 +1,99 @@
+"""Evaluation: COCO (pycocotools) and VOC evaluators and the batched evaluation loop (SPEC §6).
+
+- `CocoEvaluator`: detections → COCO results JSON (absolute [x, y, w, h], real category ids) →
+  the 12 standard COCOeval numbers + a per-class AP table; test-dev mode writes only the
+  server-format results file.
+- `VocEvaluator`: VOC07 11-point and area-based mAP, difficult objects ignored.
+- `evaluate(config, variables, batches, evaluator, ...)`: the jitted, data-parallel loop;
+  `run_evaluation(config, variables, workdir=..., step=...)` on the data package's eval split;
+  `evaluate_during_training(config, variables, step)`: the hook `training.loop` calls.
+- `make_evaluator(config, ground_truth)`: COCO or VOC by the config's dataset.
+- `restore_variables(config, path, step)`: a checkpoint (training workdir or converted
+  directory) checked against the configured model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from daipnet_jax.evaluation.coco import (
+    COCO_METRIC_NAMES,
+    CocoEvaluator,
+    format_table,
+    label_to_category_table,
+)
+from daipnet_jax.evaluation.loop import (
+    CheckpointError,
+    evaluate,
+    evaluate_during_training,
+    load_checkpoint,
+    make_eval_step,
+    make_evaluator_for,
+    make_predict_fn,
+    restore_variables,
+    run_evaluation,
+    write_metrics,
+)
+from daipnet_jax.evaluation.voc import VocEvaluator, voc_ap
+
+
+def metric_kind(config: ml_collections.ConfigDict) -> str:
+    """`voc` (VOC07 mAP) for VOC data, `coco` (pycocotools) otherwise (SPEC §6).
+
+    choice: decided by `config.eval_metric` when the key exists, else by the data source name.
+    """
+    kind = config.get("eval_metric", "") or ""
+    if kind:
+        return str(kind)
+    d = config.data
+    names = f"{d.get('source', '')} {d.get('tfds_name', '')}".lower()
+    return "voc" if "voc" in names else "coco"
+
+
+def make_evaluator(
+    config: ml_collections.ConfigDict,
+    ground_truth: Mapping[str, Any] | None,
+    label_to_category: Sequence[int] | np.ndarray | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+) -> CocoEvaluator | VocEvaluator:
+    """The evaluator for `config`'s dataset over a COCO-format ground-truth dict.
+
+    `ground_truth=None` or without annotations: COCO test-dev mode (results file only).
+    """
+    if metric_kind(config) == "voc":
+        if ground_truth is None:
+            raise ValueError("VOC evaluation needs ground truth")
+        return VocEvaluator.from_coco(ground_truth, label_to_category)
+    return CocoEvaluator(
+        ground_truth,
+        label_to_category,
+        class_names=class_names,
+        name=str(config.get("name", "daipnet")),
+    )
+
+
+__all__ = [
+    "COCO_METRIC_NAMES",
+    "CheckpointError",
+    "CocoEvaluator",
+    "VocEvaluator",
+    "evaluate",
+    "evaluate_during_training",
+    "format_table",
+    "label_to_category_table",
+    "load_checkpoint",
+    "make_eval_step",
+    "make_evaluator",
+    "make_evaluator_for",
+    "make_predict_fn",
+    "metric_kind",
+    "restore_variables",
+    "run_evaluation",
+    "voc_ap",
+    "write_metrics",
+]

@@ -1,0 +1,293 @@
+"""COCO evaluation: detections → COCO results JSON → pycocotools `COCOeval` (SPEC §6).
+
+Detections arrive from `postprocess.detect` as normalised corners (xmin, ymin, xmax, ymax) of the
+S×S network input, with contiguous labels 1..K. Because evaluation images are resized to S×S
+without keeping the aspect ratio (SPEC §5), normalised coordinates are also normalised
+coordinates of the ORIGINAL image, so the mapping back is a per-axis scale by the original
+(w, h). The COCO results format is absolute pixel [x, y, w, h] with the real category id.
+
+choice: boxes are clipped to [0, 1] before scaling (decoded boxes may overshoot the image);
+bbox values are rounded to 2 decimals and scores to 6 in the results, both in the JSON and in
+what is evaluated (so the written file re-evaluates to the same numbers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+# The 12 standard COCOeval numbers in `COCOeval.stats` order.
+COCO_METRIC_NAMES: tuple[str, ...] = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
+
+
+def label_to_category_table(categories: Sequence[Mapping[str, Any]] | Sequence[int]) -> np.ndarray:
+    """Table t with t[k] = COCO category id of contiguous label k (t[0] = 0 = background).
+
+    `categories` is either the COCO `categories` list (dicts with `id`) or a list of ids; the
+    contiguous labels 1..K follow the ascending order of the ids (SPEC §1).
+    """
+    ids = [int(c["id"]) if isinstance(c, Mapping) else int(c) for c in categories]
+    return np.asarray([0, *sorted(ids)], np.int64)
+
+
+def detections_to_coco(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    image_id: int,
+    orig_size: Sequence[int],
+    label_to_category: np.ndarray,
+) -> list[dict[str, Any]]:
+    """One image's detections as COCO result entries.
+
+    Args:
+      boxes: [N, 4] normalised corners (xmin, ymin, xmax, ymax).
+      scores: [N].
+      labels: [N] int in 1..K.
+      image_id: COCO image id.
+      orig_size: (h, w) of the original image in pixels.
+      label_to_category: [K + 1] table, `label_to_category[k]` = category id of label k.
+
+    Returns:
+      list of {image_id, category_id, bbox: [x, y, w, h] absolute pixels, score}.
+    """
+    boxes = np.clip(np.asarray(boxes, np.float64).reshape(-1, 4), 0.0, 1.0)
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    if labels.size and (labels.min() < 1 or labels.max() >= len(label_to_category)):
+        raise ValueError(
+            f"labels must be in 1..{len(label_to_category) - 1}, got {labels.min()}..{labels.max()}"
+        )
+    h, w = float(orig_size[0]), float(orig_size[1])
+    scale = np.asarray([w, h, w, h])
+    px = boxes * scale
+    xywh = np.stack([px[:, 0], px[:, 1], px[:, 2] - px[:, 0], px[:, 3] - px[:, 1]], axis=1)
+    xywh = np.round(xywh, 2)
+    cats = label_to_category[labels]
+    return [
+        {
+            "image_id": int(image_id),
+            "category_id": int(c),
+            "bbox": [float(v) for v in b],
+            "score": round(float(s), 6),
+        }
+        for b, s, c in zip(xywh, scores, cats, strict=True)
+    ]
+
+
+def coco_to_detections(
+    entries: Sequence[Mapping[str, Any]],
+    orig_size: Sequence[int],
+    label_to_category: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of `detections_to_coco` for one image: → (boxes [N,4] normalised corners, scores, labels)."""
+    inverse = {int(c): k for k, c in enumerate(label_to_category) if k > 0}
+    h, w = float(orig_size[0]), float(orig_size[1])
+    xywh = np.asarray([e["bbox"] for e in entries], np.float64).reshape(-1, 4)
+    corners = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    boxes = corners / np.asarray([w, h, w, h])
+    scores = np.asarray([e["score"] for e in entries], np.float64)
+    labels = np.asarray([inverse[int(e["category_id"])] for e in entries], np.int64)
+    return boxes, scores, labels
+
+
+def _coco_from_dict(gt: Mapping[str, Any]) -> Any:
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    dataset = dict(gt)
+    dataset.setdefault("info", {})
+    dataset.setdefault("licenses", [])
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+class CocoEvaluator:
+    """Accumulates detections over batches, then scores them with pycocotools.
+
+    Usage:
+        ev = CocoEvaluator(gt_dict, label_to_category)       # gt_dict=None: test-dev mode
+        ev.add_batch(boxes, scores, classes, valid, image_ids, orig_sizes, example_valid)
+        metrics = ev.evaluate()   # {} in test-dev mode
+        ev.write_results(path)
+
+    In test-dev mode (no annotations) `evaluate` returns no metrics and only the results file
+    matters: `detections_test-dev2017_<name>_results.json`, the COCO server's format.
+    """
+
+    def __init__(
+        self,
+        ground_truth: Mapping[str, Any] | None,
+        label_to_category: Sequence[int] | np.ndarray | None = None,
+        *,
+        class_names: Sequence[str] | None = None,
+        name: str = "daipnet",
+        split: str | None = None,
+    ) -> None:
+        self.ground_truth = ground_truth
+        self.name = name
+        self.split = split or ("test-dev2017" if self.test_dev else "val2017")
+        if label_to_category is None:
+            if ground_truth is None:
+                raise ValueError("test-dev mode needs an explicit label_to_category table")
+            label_to_category = label_to_category_table(ground_truth["categories"])
+        self.label_to_category = np.asarray(label_to_category, np.int64)
+        if class_names is None and ground_truth is not None:
+            names = {int(c["id"]): c.get("name", str(c["id"])) for c in ground_truth["categories"]}
+            class_names = [names.get(int(c), str(c)) for c in self.label_to_category[1:]]
+        self.class_names = (
+            list(class_names)
+            if class_names is not None
+            else [str(c) for c in self.label_to_category[1:]]
+        )
+        self.results: list[dict[str, Any]] = []
+        self.image_ids: set[int] = set()
+        self.summary_text = ""
+
+    @property
+    def test_dev(self) -> bool:
+        return self.ground_truth is None or not self.ground_truth.get("annotations")
+
+    def add_image(
+        self,
+        boxes: np.ndarray,
+        scores: np.ndarray,
+        labels: np.ndarray,
+        image_id: int,
+        orig_size: Sequence[int],
+    ) -> None:
+        """Adds one image's detections ([N,4] normalised corners, [N], [N] in 1..K)."""
+        self.image_ids.add(int(image_id))
+        self.results.extend(
+            detections_to_coco(boxes, scores, labels, image_id, orig_size, self.label_to_category)
+        )
+
+    def add_batch(
+        self,
+        boxes: np.ndarray,
+        scores: np.ndarray,
+        classes: np.ndarray,
+        valid: np.ndarray,
+        image_ids: np.ndarray,
+        orig_sizes: np.ndarray,
+        example_valid: np.ndarray | None = None,
+    ) -> None:
+        """Adds the output of `postprocess.detect` for one batch.
+
+        Args:
+          boxes [B,D,4], scores [B,D], classes [B,D], valid [B,D]: fixed-size detections.
+          image_ids [B], orig_sizes [B,2] (h, w); example_valid [B] False on padding examples.
+        """
+        boxes, scores, classes, valid = (np.asarray(a) for a in (boxes, scores, classes, valid))
+        for b in range(boxes.shape[0]):
+            if example_valid is not None and not bool(example_valid[b]):
+                continue
+            keep = valid[b].astype(bool)
+            self.add_image(
+                boxes[b][keep], scores[b][keep], classes[b][keep], image_ids[b], orig_sizes[b]
+            )
+
+    def write_results(self, path: str) -> str:
+        """Writes the results list as JSON to `path` (a file, or a directory: server file name)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, results_file_name(self.split, self.name))
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(self.results, f)
+        return path
+
+    def evaluate(self) -> dict[str, Any]:
+        """Runs COCOeval (bbox). Returns the 12 standard numbers plus `per_class` AP / AP50.
+
+        Values are pycocotools' own: -1 where a number is undefined (e.g. no small objects).
+        With no detections at all every number is 0 (pycocotools itself cannot load an empty
+        result list). In test-dev mode returns {}.
+        """
+        if self.test_dev:
+            return {}
+        assert self.ground_truth is not None
+        if not self.results:
+            metrics: dict[str, Any] = dict.fromkeys(COCO_METRIC_NAMES, 0.0)
+            metrics["per_class"] = {n: {"AP": 0.0, "AP50": 0.0} for n in self.class_names}
+            return metrics
+        from pycocotools.cocoeval import COCOeval
+
+        gt = _coco_from_dict(self.ground_truth)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            dt = gt.loadRes([dict(r) for r in self.results])
+            ev = COCOeval(gt, dt, "bbox")
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        self.summary_text = buf.getvalue()
+        metrics = {n: float(v) for n, v in zip(COCO_METRIC_NAMES, ev.stats, strict=True)}
+        metrics["per_class"] = per_class_ap(ev, self.label_to_category, self.class_names)
+        return metrics
+
+
+def per_class_ap(
+    ev: Any, label_to_category: np.ndarray, class_names: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """Per-class AP (IoU .50:.95) and AP50 from `ev.eval['precision']` [T, R, K, A, M].
+
+    Area 'all' (index 0), maxDets 100 (last index), as `summarize` does for AP. -1 (no ground
+    truth for the class) is kept as pycocotools reports it.
+    """
+    precision = ev.eval["precision"]
+    cat_ids = list(ev.params.catIds)
+    iou50 = int(np.argmin(np.abs(np.asarray(ev.params.iouThrs) - 0.5)))
+    out: dict[str, dict[str, float]] = {}
+    for k, name in enumerate(class_names):
+        cat = int(label_to_category[k + 1])
+        if cat not in cat_ids:
+            continue
+        p = precision[:, :, cat_ids.index(cat), 0, -1]
+        p50 = p[iou50]
+        out[name] = {
+            "AP": float(np.mean(p[p > -1])) if np.any(p > -1) else -1.0,
+            "AP50": float(np.mean(p50[p50 > -1])) if np.any(p50 > -1) else -1.0,
+        }
+    return out
+
+
+def results_file_name(split: str | None, name: str = "daipnet") -> str:
+    """COCO server naming: `detections_<split>_<name>_results.json` (split default test-dev2017)."""
+    return f"detections_{split or 'test-dev2017'}_{name}_results.json"
+
+
+def format_table(per_class: Mapping[str, Mapping[str, float]]) -> str:
+    """A plain-text per-class table (one row per class, the columns of its dicts)."""
+    if not per_class:
+        return ""
+    cols = list(next(iter(per_class.values())).keys())
+    width = max(len("class"), *(len(n) for n in per_class))
+    lines = [f"{'class':<{width}} " + " ".join(f"{c:>7}" for c in cols)]
+    for name, row in per_class.items():
+        vals = " ".join(
+            f"{row[c]:7.4f}" if row[c] is not None and not np.isnan(row[c]) else f"{'n/a':>7}"
+            for c in cols
+        )
+        lines.append(f"{name:<{width}} {vals}")
+    return "\n".join(lines)

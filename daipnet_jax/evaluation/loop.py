@@ -1,0 +1,461 @@
+"""The batched evaluation loop, shared by `evaluate.py` and periodic evaluation in training.
+
+`evaluate(config, variables, batches, evaluator, ...)`:
+- one jitted function per (model, config): forward (train=False) + `postprocess.detect`
+  (SPEC §6), static shapes, no host round trips inside;
+- data parallel over every device: batch axis split over a 1-D `data` mesh with
+  `NamedSharding` when the global batch divides the device count, replicated otherwise;
+- the host accumulates the fixed-size detections of batch n while batch n+1 runs (async
+  dispatch: the next step is enqueued before `device_get` of the previous one);
+- progress with throughput and ETA printed by the first process;
+- metrics (the evaluator's numbers, per-class table included) written as JSON to
+  `WORKDIR/eval/metrics.json` and `WORKDIR/eval/metrics_<step>.json`, and the scalar numbers to
+  TensorBoard via `clu.metric_writers` under `eval/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from daipnet_jax import boxes as boxes_lib
+from daipnet_jax import postprocess
+
+Detections = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
+
+
+class Evaluator(Protocol):
+    def add_batch(
+        self,
+        boxes: np.ndarray,
+        scores: np.ndarray,
+        classes: np.ndarray,
+        valid: np.ndarray,
+        image_ids: np.ndarray,
+        orig_sizes: np.ndarray,
+        example_valid: np.ndarray | None = None,
+    ) -> None: ...
+
+    def evaluate(self) -> dict[str, Any]: ...
+
+
+def detect_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`postprocess.detect` keyword arguments from `config.postprocess` and `config.priors`."""
+    p = config.postprocess
+    return dict(
+        variances=tuple(config.priors.variances),
+        score_threshold=float(p.score_threshold),
+        nms_iou=float(p.nms_iou),
+        per_class_max=int(p.per_class_max),
+        max_detections=int(p.max_detections),
+        pre_nms_top_k=int(p.pre_nms_top_k),
+    )
+
+
+def make_predict_fn(
+    config: ml_collections.ConfigDict, model: Any
+) -> Callable[[Any, jax.Array], Detections]:
+    """Pure (un-jitted) `(variables, images [B,S,S,3] f32 0..255) → detect(...)` outputs.
+
+    Returns (boxes [B,D,4] normalised corners, scores [B,D], classes [B,D] int32 1..K,
+    valid [B,D] bool), D = `postprocess.max_detections`.
+    """
+    priors = jnp.asarray(boxes_lib.prior_boxes(config))
+    kwargs = detect_kwargs(config)
+
+    def predict(variables: Any, images: jax.Array) -> Detections:
+        loc, logits = model.apply(variables, images, train=False)
+        return postprocess.detect(loc, logits, priors, **kwargs)
+
+    return predict
+
+
+def make_eval_step(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    batch_size: int,
+    mesh: Mesh | None = None,
+) -> Callable[[Any, Any], Detections]:
+    """Jitted predict function; batch axis sharded over `mesh` when `batch_size` divides it.
+
+    choice: when the batch does not divide the device count the computation is replicated
+    (correct, just not parallel) rather than padded: eval batches are fixed-size, so this is a
+    configuration matter, logged once.
+    """
+    predict = make_predict_fn(config, model)
+    mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("data",))
+    n = mesh.devices.size
+    replicated = NamedSharding(mesh, P())
+    if batch_size % n == 0:
+        data = NamedSharding(mesh, P("data"))
+    else:
+        logging.warning(
+            "eval batch %d does not divide %d devices: running replicated", batch_size, n
+        )
+        data = replicated
+    return jax.jit(predict, in_shardings=(replicated, data), out_shardings=data)
+
+
+def _progress(message: str) -> None:
+    """Progress lines on the first process (stdout, flushed: visible under any launcher)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    variables: Any,
+    batches: Iterable[Mapping[str, Any]],
+    evaluator: Evaluator,
+    *,
+    model: Any = None,
+    workdir: str | None = None,
+    step: int | None = None,
+    num_batches: int | None = None,
+    writer: Any = None,
+    eval_step: Callable[[Any, Any], Detections] | None = None,
+    log_every_seconds: float = 30.0,
+) -> dict[str, Any]:
+    """Runs the model over `batches`, accumulates detections in `evaluator`, returns its metrics.
+
+    Args:
+      config: the full config (model, priors, postprocess).
+      variables: {'params', 'batch_stats'} (host or device arrays).
+      batches: eval batches (data contract): `image [b,S,S,3] f32`, `image_id [b]`,
+        `orig_size [b,2] (h, w)`, `valid [b]`; all of the same size b. With several processes,
+        each yields its own slice and b is the per-process size.
+      evaluator: `CocoEvaluator` or `VocEvaluator` (anything with add_batch/evaluate).
+      model: the flax module (default `models.build(config)`).
+      workdir: where to write `eval/metrics.json`, `eval/metrics_<step>.json`, the results JSON
+        (COCO) and TensorBoard scalars; None writes nothing.
+      step: the training step the numbers belong to (TensorBoard x-axis, file names).
+      num_batches: for the ETA (default `len(batches)` when it exists).
+      writer: a `clu.metric_writers` writer (default: one on `workdir`).
+      eval_step: a prepared `make_eval_step(...)` (training reuses it across evaluations).
+    Returns:
+      the evaluator's metrics plus `num_images`, `seconds` (wall time of the inference loop,
+      first-call compilation included) and `images_per_s`.
+    """
+    if model is None:
+        from daipnet_jax import models
+
+        model = models.build(config)
+    if num_batches is None and hasattr(batches, "__len__"):
+        num_batches = len(batches)  # type: ignore[arg-type]
+    variables = jax.device_put(
+        variables, NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P())
+    )
+    start = time.perf_counter()
+    last_log = start
+    pending: tuple[Detections, Mapping[str, Any]] | None = None
+    done = 0
+    images = 0
+
+    def consume(out: Detections, batch: Mapping[str, Any]) -> int:
+        boxes, scores, classes, valid = (_to_host(x) for x in out)
+        ex_valid = np.asarray(batch.get("valid", np.ones(boxes.shape[0], bool)))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            meta = multihost_utils.process_allgather(
+                {
+                    "image_id": np.asarray(batch["image_id"]),
+                    "orig_size": np.asarray(batch["orig_size"]),
+                    "valid": ex_valid,
+                },
+                tiled=True,
+            )
+            ids, sizes, ex_valid = meta["image_id"], meta["orig_size"], meta["valid"]
+        else:
+            ids, sizes = np.asarray(batch["image_id"]), np.asarray(batch["orig_size"])
+        evaluator.add_batch(boxes, scores, classes, valid, ids, sizes, ex_valid)
+        return int(np.sum(ex_valid))
+
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    for batch in batches:
+        local = np.asarray(batch["image"], np.float32)
+        if eval_step is None:
+            global_b = local.shape[0] * jax.process_count()
+            eval_step = make_eval_step(config, model, global_b, mesh)
+        if jax.process_count() > 1:
+            sharding = NamedSharding(mesh, P("data"))
+            global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+            images_in: Any = jax.make_array_from_process_local_data(sharding, local, global_shape)
+        else:
+            images_in = local
+        out = eval_step(variables, images_in)  # async: runs while the host consumes `pending`
+        if pending is not None:
+            images += consume(*pending)
+            done += 1
+        pending = (out, batch)
+        now = time.perf_counter()
+        if now - last_log >= log_every_seconds and done:
+            rate = images / (now - start)
+            eta = ""
+            if num_batches:
+                left = (num_batches - done) * (now - start) / done
+                eta = f", ETA {left / 60:.1f} min"
+            _progress(f"eval: {done}/{num_batches or '?'} batches, {rate:.1f} images/s{eta}")
+            last_log = now
+    if pending is not None:
+        images += consume(*pending)
+        done += 1
+    seconds = time.perf_counter() - start
+    metrics = dict(evaluator.evaluate())
+    metrics["num_images"] = images
+    metrics["seconds"] = seconds
+    metrics["images_per_s"] = images / seconds if seconds > 0 else 0.0
+    _progress(f"eval: {images} images in {seconds:.1f} s ({metrics['images_per_s']:.1f} images/s)")
+    if workdir is not None and jax.process_index() == 0:
+        write_metrics(metrics, workdir, step, evaluator=evaluator, writer=writer)
+    return metrics
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite scalar numbers of `metrics` (per-class tables and undefined -1 excluded)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v)):
+            if float(v) == -1.0:  # pycocotools' "undefined" (e.g. no small objects)
+                continue
+            out[k] = float(v)
+    return out
+
+
+def write_metrics(
+    metrics: Mapping[str, Any],
+    workdir: str,
+    step: int | None,
+    *,
+    evaluator: Any = None,
+    writer: Any = None,
+) -> str:
+    """Writes `WORKDIR/eval/metrics.json` (+ `metrics_<step>.json`), the evaluator's results
+    JSON (COCO) and TensorBoard scalars under `eval/`. Returns the metrics file path."""
+    eval_dir = os.path.join(workdir, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    payload = dict(metrics)
+    if step is not None:
+        payload["step"] = int(step)
+    text = json.dumps(payload, indent=2, sort_keys=True, default=float)
+    path = os.path.join(eval_dir, "metrics.json")
+    with open(path, "w") as f:
+        f.write(text)
+    if step is not None:
+        with open(os.path.join(eval_dir, f"metrics_{int(step)}.json"), "w") as f:
+            f.write(text)
+    if evaluator is not None and hasattr(evaluator, "write_results"):
+        evaluator.write_results(eval_dir)
+    own_writer = writer is None
+    if own_writer:
+        from clu import metric_writers
+
+        writer = metric_writers.create_default_writer(workdir, just_logging=False)
+    writer.write_scalars(
+        int(step or 0), {f"eval/{k}": v for k, v in scalar_metrics(metrics).items()}
+    )
+    writer.flush()
+    if own_writer:
+        writer.close()
+    return path
+
+
+# ------------------------------------------------------------------ checkpoints
+class CheckpointError(ValueError):
+    """A checkpoint that is missing or does not fit the configured model."""
+
+
+def _is_training_dir(path: Path) -> bool:
+    if (path / "checkpoints").is_dir():
+        return True
+    return any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
+
+
+def _load_pytree_dir(path: Path) -> dict[str, Any]:
+    """A single orbax pytree checkpoint (the converter's StandardSave) as host numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.PyTreeCheckpointer()
+    meta = ckptr.metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return dict(
+        ckptr.restore(path, args=ocp.args.PyTreeRestore(item=None, restore_args=restore_args))
+    )
+
+
+def load_checkpoint(path: str, step: int | None = None) -> dict[str, Any]:
+    """{'params', 'batch_stats'} from a training workdir (`WORKDIR/checkpoints/<step>`, latest
+    or `step`) or from a single converted checkpoint directory (`python -m daipnet_jax.convert`).
+
+    Raises CheckpointError with the path when nothing loadable is there.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {path!r} does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint path {path!r} is a file; expected an orbax directory")
+    try:
+        if _is_training_dir(p):
+            from daipnet_jax.training.checkpoint import load_variables
+
+            return load_variables(p, step)
+        if step is not None:
+            raise CheckpointError(
+                f"--step given but {path!r} is a single checkpoint, not a workdir"
+            )
+        tree = _load_pytree_dir(p)
+    except CheckpointError:
+        raise
+    except FileNotFoundError as e:
+        raise CheckpointError(f"no checkpoint found at {path!r}: {e}") from e
+    except Exception as e:  # orbax raises assorted errors on non-checkpoint folders
+        raise CheckpointError(f"cannot read an orbax checkpoint at {path!r}: {e}") from e
+    if "params" not in tree:
+        raise CheckpointError(
+            f"checkpoint {path!r} has no 'params' (top-level keys: {sorted(tree)})"
+        )
+    return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}
+
+
+def check_variables(expected: Any, got: Any, source: str = "checkpoint") -> None:
+    """Raises CheckpointError naming the first missing / unexpected / mis-shaped entry."""
+
+    def flat(tree: Any) -> dict[str, tuple[int, ...]]:
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in leaves}
+
+    want, have = flat(expected), flat(got)
+    for k, shape in want.items():
+        if k not in have:
+            raise CheckpointError(f"{source} does not fit the model: missing {k} (shape {shape})")
+        if have[k] != shape:
+            raise CheckpointError(
+                f"{source} does not fit the model: {k} has shape {have[k]}, the model expects "
+                f"{shape} (wrong model.width / num_classes / variant?)"
+            )
+    for k in have:
+        if k not in want:
+            raise CheckpointError(f"{source} does not fit the model: unexpected entry {k}")
+
+
+def abstract_variables(config: ml_collections.ConfigDict, model: Any) -> Any:
+    """Shapes of {'params', 'batch_stats'} of `model` at the config's input size (no compute)."""
+    s = int(config.model.image_size)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3)), train=False)
+    )
+    return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+
+
+def restore_variables(
+    config: ml_collections.ConfigDict,
+    path: str,
+    step: int | None = None,
+    model: Any = None,
+) -> dict[str, Any]:
+    """`load_checkpoint` + `check_variables` against `models.build(config)`."""
+    if model is None:
+        from daipnet_jax import models
+
+        model = models.build(config)
+    variables = load_checkpoint(path, step)
+    check_variables(abstract_variables(config, model), variables, f"checkpoint {path!r}")
+    return variables
+
+
+# ------------------------------------------------------------------ entry points
+def make_evaluator_for(
+    config: ml_collections.ConfigDict,
+    ground_truth: Mapping[str, Any] | None = None,
+    label_map: tuple[list[int], list[str]] | None = None,
+) -> Any:
+    """The evaluator of `config`'s evaluation split, from the data package's ground truth and
+    label table (COCO test-dev: ground truth without annotations → results file only).
+    `ground_truth` / `label_map` may be passed in to skip re-reading them."""
+    from daipnet_jax import data
+    from daipnet_jax.evaluation import make_evaluator
+
+    category_ids, names = label_map if label_map is not None else data.label_map(config)
+    gt = ground_truth if ground_truth is not None else data.eval_ground_truth(config)
+    return make_evaluator(config, gt, [0, *category_ids], class_names=names)
+
+
+def run_evaluation(
+    config: ml_collections.ConfigDict,
+    variables: Any,
+    *,
+    workdir: str | None = None,
+    step: int | None = None,
+    model: Any = None,
+    writer: Any = None,
+) -> dict[str, Any]:
+    """Evaluate `variables` on `config`'s evaluation split (data package iterator + evaluator)."""
+    from daipnet_jax import data
+
+    batches = data.make_eval_iterator(config)
+    evaluator = make_evaluator_for(config)
+    return evaluate(
+        config,
+        variables,
+        batches,
+        evaluator,
+        model=model,
+        workdir=workdir,
+        step=step,
+        num_batches=len(batches),
+        writer=writer,
+    )
+
+
+_TRAINING_CACHE: dict[str, tuple[Any, ...]] = {}
+
+
+def evaluate_during_training(
+    config: ml_collections.ConfigDict, variables: Any, step: int
+) -> dict[str, float]:
+    """The hook `training.loop` calls for periodic / final evaluation: scalar metrics only
+    (the trainer writes them to TensorBoard under `eval/`). The model, the jitted step and the
+    data iterator and the ground truth are built once per config and reused."""
+    key = config.to_json_best_effort()
+    if key not in _TRAINING_CACHE:
+        from daipnet_jax import data, models
+
+        model = models.build(config)
+        batches = data.make_eval_iterator(config)
+        b = int(config.train.eval_batch_size)
+        gt, labels = data.eval_ground_truth(config), data.label_map(config)
+        _TRAINING_CACHE[key] = (model, batches, make_eval_step(config, model, b), gt, labels)
+    model, batches, step_fn, gt, labels = _TRAINING_CACHE[key]
+    metrics = evaluate(
+        config,
+        variables,
+        batches,
+        make_evaluator_for(config, gt, labels),
+        model=model,
+        num_batches=len(batches),
+        eval_step=step_fn,
+    )
+    return scalar_metrics({k: v for k, v in metrics.items() if k != "seconds"})

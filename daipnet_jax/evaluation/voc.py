@@ -1,0 +1,237 @@
+"""PASCAL VOC detection mAP: VOC07 11-point and area-based (VOC2010+) AP per class (SPEC §6).
+
+Follows the VOC devkit's `VOCevaldet` logic:
+- per class, all detections of all images sorted by descending score;
+- each detection is matched to the ground truth box of its class in its image with the highest
+  IoU; if that IoU > 0.5 (strictly):
+    - the box is `difficult`: the detection is ignored (neither TP nor FP);
+    - the box is not yet taken: TP, and the box is taken;
+    - the box is already taken (duplicate detection): FP;
+  otherwise FP;
+- recall = cumTP / #non-difficult boxes, precision = cumTP / (cumTP + cumFP);
+- VOC07: AP = mean over t ∈ {0, 0.1, …, 1} of max(precision[recall ≥ t]) (0 if none);
+- area (VOC2010+): area under the monotone (right-to-left running max) precision envelope.
+
+choice: continuous coordinates, no "+1 pixel" convention (the devkit's integer-pixel boxes use
+w = x2 − x1 + 1). Without the +1, IoU is invariant to a per-axis scaling, so it is the same in
+normalised and in pixel coordinates and boxes can stay normalised here. Consequence: results
+can differ slightly from the devkit for small boxes; they are consistent with the rest of this
+code base (NMS, matching, COCO).
+choice: equal scores keep their insertion order (stable sort); the devkit's order is unspecified.
+choice: a class without non-difficult ground truth has AP = NaN (`None` in JSON) and is left out
+of the mean.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> float:
+    """AP from the recall/precision curves ([N] each, in detection order).
+
+    VOC07: 11-point interpolated; otherwise the area under the interpolated curve (VOC2010+).
+    """
+    recall = np.asarray(recall, np.float64)
+    precision = np.asarray(precision, np.float64)
+    if use_07_metric:
+        ap = 0.0
+        for t in np.linspace(0.0, 1.0, 11):
+            mask = recall >= t - 1e-12
+            ap += (float(np.max(precision[mask])) if np.any(mask) else 0.0) / 11.0
+        return ap
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    idx = np.nonzero(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one corner box [4] with [G, 4] (continuous coordinates)."""
+    ix1 = np.maximum(boxes[:, 0], box[0])
+    iy1 = np.maximum(boxes[:, 1], box[1])
+    ix2 = np.minimum(boxes[:, 2], box[2])
+    iy2 = np.minimum(boxes[:, 3], box[3])
+    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    union = area + areas - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+class VocEvaluator:
+    """Accumulates ground truth and detections, then computes VOC07 / area mAP per class.
+
+    Boxes are corners (xmin, ymin, xmax, ymax), ground truth and detections in the same frame
+    (normalised, or pixels of the same image: IoU is the same, see the module docstring).
+    """
+
+    def __init__(self, class_names: Sequence[str], *, iou_threshold: float = 0.5) -> None:
+        self.class_names = list(class_names)
+        self.iou_threshold = iou_threshold
+        # gt[label][image_id] = (boxes [G,4], difficult [G] bool)
+        self._gt: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
+        # dets[label] = list of (image_id, score, box)
+        self._dets: dict[int, list[tuple[int, float, np.ndarray]]] = defaultdict(list)
+        self.image_ids: set[int] = set()
+
+    @classmethod
+    def from_coco(
+        cls,
+        ground_truth: Mapping[str, Any],
+        label_to_category: Sequence[int] | np.ndarray | None = None,
+        *,
+        iou_threshold: float = 0.5,
+    ) -> VocEvaluator:
+        """Builds the evaluator from a COCO-format ground-truth dict.
+
+        Boxes are COCO [x, y, w, h] pixels; an annotation is difficult when it has
+        `difficult: 1` (or, failing that, `iscrowd: 1`). Boxes are normalised by the image's
+        `width`/`height` to match the detections.
+        """
+        from daipnet_jax.evaluation.coco import label_to_category_table
+
+        if label_to_category is None:
+            label_to_category = label_to_category_table(ground_truth["categories"])
+        table = np.asarray(label_to_category, np.int64)
+        cat_to_label = {int(c): k for k, c in enumerate(table) if k > 0}
+        names = {int(c["id"]): c.get("name", str(c["id"])) for c in ground_truth["categories"]}
+        ev = cls([names.get(int(c), str(c)) for c in table[1:]], iou_threshold=iou_threshold)
+        sizes = {
+            int(im["id"]): (float(im["height"]), float(im["width"]))
+            for im in ground_truth["images"]
+        }
+        per_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in sizes}
+        for ann in ground_truth.get("annotations", []):
+            difficult = bool(ann.get("difficult", ann.get("iscrowd", 0)))
+            per_image[int(ann["image_id"])].append(
+                (ann["bbox"], cat_to_label[int(ann["category_id"])], difficult)
+            )
+        for image_id, anns in per_image.items():
+            h, w = sizes[image_id]
+            xywh = np.asarray([a[0] for a in anns], np.float64).reshape(-1, 4)
+            boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+            boxes = boxes / np.asarray([w, h, w, h])
+            ev.add_ground_truth(
+                image_id, boxes, np.asarray([a[1] for a in anns]), np.asarray([a[2] for a in anns])
+            )
+        return ev
+
+    def add_ground_truth(
+        self,
+        image_id: int,
+        boxes: np.ndarray,
+        labels: np.ndarray,
+        difficult: np.ndarray | None = None,
+    ) -> None:
+        """One image's ground truth: boxes [G,4] corners, labels [G] in 1..K, difficult [G] bool."""
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        labels = np.asarray(labels, np.int64).reshape(-1)
+        diff = (
+            np.zeros(len(labels), bool)
+            if difficult is None
+            else np.asarray(difficult, bool).reshape(-1)
+        )
+        self.image_ids.add(int(image_id))
+        for k in np.unique(labels):
+            sel = labels == k
+            old_b, old_d = self._gt[int(k)].get(
+                int(image_id), (np.zeros((0, 4)), np.zeros(0, bool))
+            )
+            self._gt[int(k)][int(image_id)] = (
+                np.concatenate([old_b, boxes[sel]]),
+                np.concatenate([old_d, diff[sel]]),
+            )
+
+    def add_image(
+        self, image_id: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray
+    ) -> None:
+        """One image's detections: boxes [N,4] corners, scores [N], labels [N] in 1..K."""
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        for b, s, k in zip(
+            boxes, np.asarray(scores).reshape(-1), np.asarray(labels).reshape(-1), strict=True
+        ):
+            self._dets[int(k)].append((int(image_id), float(s), b))
+
+    def add_batch(
+        self,
+        boxes: np.ndarray,
+        scores: np.ndarray,
+        classes: np.ndarray,
+        valid: np.ndarray,
+        image_ids: np.ndarray,
+        orig_sizes: np.ndarray | None = None,
+        example_valid: np.ndarray | None = None,
+    ) -> None:
+        """Adds `postprocess.detect` output ([B,D,4], [B,D], [B,D], [B,D]) for one batch.
+
+        `orig_sizes` is accepted for interface parity with `CocoEvaluator` and unused (boxes
+        stay normalised).
+        """
+        del orig_sizes
+        boxes, scores, classes, valid = (np.asarray(a) for a in (boxes, scores, classes, valid))
+        for b in range(boxes.shape[0]):
+            if example_valid is not None and not bool(example_valid[b]):
+                continue
+            keep = valid[b].astype(bool)
+            self.add_image(int(image_ids[b]), boxes[b][keep], scores[b][keep], classes[b][keep])
+
+    def class_ap(self, label: int) -> tuple[float, float]:
+        """(VOC07 11-point AP, area AP) of class `label` (NaN, NaN without non-difficult truth)."""
+        gt = self._gt.get(label, {})
+        npos = int(sum(int(np.sum(~d)) for _, d in gt.values()))
+        dets = self._dets.get(label, [])
+        order = sorted(range(len(dets)), key=lambda i: -dets[i][1])  # stable
+        taken = {i: np.zeros(len(d), bool) for i, (_, d) in gt.items()}
+        tp = np.zeros(len(order))
+        fp = np.zeros(len(order))
+        for n, i in enumerate(order):
+            image_id, _, box = dets[i]
+            if image_id not in gt or len(gt[image_id][0]) == 0:
+                fp[n] = 1
+                continue
+            gboxes, gdiff = gt[image_id]
+            ious = _iou(box, gboxes)
+            j = int(np.argmax(ious))
+            if ious[j] > self.iou_threshold:
+                if gdiff[j]:
+                    continue  # ignored: neither TP nor FP
+                if not taken[image_id][j]:
+                    tp[n] = 1
+                    taken[image_id][j] = True
+                else:
+                    fp[n] = 1  # duplicate
+            else:
+                fp[n] = 1
+        if npos == 0:
+            return float("nan"), float("nan")
+        ctp, cfp = np.cumsum(tp), np.cumsum(fp)
+        recall = ctp / npos
+        precision = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
+        # Ignored detections leave (tp, fp) unchanged: they add a repeated point to the curve,
+        # which changes neither AP definition.
+        return voc_ap(recall, precision, True), voc_ap(recall, precision, False)
+
+    def evaluate(self) -> dict[str, Any]:
+        """{'mAP_voc07', 'mAP_area', 'per_class': {name: {'AP_voc07', 'AP_area'}}}."""
+        per_class: dict[str, dict[str, float | None]] = {}
+        ap07, aparea = [], []
+        for k, name in enumerate(self.class_names, start=1):
+            a07, aa = self.class_ap(k)
+            per_class[name] = {
+                "AP_voc07": None if np.isnan(a07) else a07,
+                "AP_area": None if np.isnan(aa) else aa,
+            }
+            if not np.isnan(a07):
+                ap07.append(a07)
+                aparea.append(aa)
+        return {
+            "mAP_voc07": float(np.mean(ap07)) if ap07 else 0.0,
+            "mAP_area": float(np.mean(aparea)) if aparea else 0.0,
+            "per_class": per_class,
+        }

@@ -1,0 +1,186 @@
+"""Export a detector as a TensorFlow SavedModel through `jax2tf` (issue 7, item 3).
+
+    python -m daipnet_jax.export --config configs/coco.py:daipnet300 \\
+        --checkpoint WORKDIR_OR_CONVERTED_DIR [--step N] --out DIR [--config.key=value ...]
+
+The SavedModel has two signatures:
+- `serving_default(images: uint8 [B, H, W, 3])` (any B, H, W) and
+- `serve_single(image: uint8 [H, W, 3])`,
+both returning the fixed-size detections of `postprocess.detect` (SPEC §6): `boxes [B, D, 4]`
+normalised corners (xmin, ymin, xmax, ymax) of the input image, `scores [B, D]`,
+`classes [B, D]` int32 in 1..K, `valid [B, D]` bool, `num_detections [B]` int32; D =
+`postprocess.max_detections`. Multiply boxes by (W, H, W, H) for pixels.
+
+Inside: uint8 → float32 → `tf.image.resize` to S×S (bilinear, half-pixel, no antialias; the
+same `predict.resize_images` the predict command uses), then the jax2tf-converted network +
+post-processing (native serialisation) for a static chunk of `--batch_size` images, looped over
+by `tf.map_fn` so B is free (a batch-polymorphic conversion does not run in TF 2.21, see
+`export_saved_model`). Parameters are
+`tf.Variable`s of the module (not graph constants), so the SavedModel stays loadable for the
+full-size model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def stablehlo_target(requirement: str = "WEEK_12") -> Iterator[str]:
+    """Serialise jax2tf modules for an older StableHLO consumer while the context is open.
+
+    Measured: jax 0.10.2 serialises for StableHLO 1.15.0 (its 4-week window) and lowers
+    `lax.top_k` (used by `postprocess.detect`) to a `vhlo.composite_v2`, which TensorFlow 2.21's
+    `XlaCallModule` (StableHLO 1.13.7) fails to deserialise ("failed to deserialize portable
+    artifact using StableHLO_v1.13.7"). The 12-week window is exactly 1.13.7. Private JAX API:
+    restored on exit.
+    """
+    from jax._src.export import _export
+
+    hlo = _export.hlo
+    original = hlo.get_version_from_compatibility_requirement
+    target = original(getattr(hlo.StablehloCompatibilityRequirement, requirement))
+    hlo.get_version_from_compatibility_requirement = lambda requirement: target
+    try:
+        yield target
+    finally:
+        hlo.get_version_from_compatibility_requirement = original
+
+
+def export_saved_model(
+    config: Any, variables: Any, out_dir: str, *, model: Any = None, batch_size: int = 1
+) -> str:
+    """Writes the SavedModel of `config`'s detector with `variables` to `out_dir`; returns it.
+
+    `batch_size`: images per call of the converted network (inputs of any B are padded to a
+    multiple and looped over in TF); larger values serve large batches faster, 1 is best for
+    single images.
+    """
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    from daipnet_jax.evaluation.loop import make_predict_fn
+    from daipnet_jax.predict import resize_images
+
+    if model is None:
+        from daipnet_jax import models
+
+        model = models.build(config)
+    size = int(config.model.image_size)
+    k = int(batch_size)
+    d = int(config.postprocess.max_detections)
+    predict = make_predict_fn(config, model)
+    # Static shapes: a batch-polymorphic conversion fails in TF 2.21 (`lax.top_k` lowers to a
+    # sort + slice with dynamic shapes that XlaCallModule rejects: "'stablehlo.sort' op has
+    # dynamic shapes"), so the JAX function is converted for [k, S, S, 3] and TF loops over
+    # chunks of k images.
+    tf_predict = jax2tf.convert(predict, with_gradient=False)
+
+    module = tf.Module()
+    module.variables_tree = tf.nest.map_structure(
+        lambda x: tf.Variable(np.asarray(x), trainable=False), _plain(variables)
+    )
+    out_signature = (
+        tf.TensorSpec([k, d, 4], tf.float32),
+        tf.TensorSpec([k, d], tf.float32),
+        tf.TensorSpec([k, d], tf.int32),
+        tf.TensorSpec([k, d], tf.bool),
+    )
+
+    def run(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        x = resize_images(images, size)  # [B, S, S, 3] float32
+        b = tf.shape(x)[0]
+        n = (b + k - 1) // k
+        x = tf.pad(x, [[0, n * k - b], [0, 0], [0, 0], [0, 0]])
+        chunks = tf.reshape(x, [n, k, size, size, 3])
+        outs = tf.map_fn(
+            lambda chunk: tuple(tf_predict(module.variables_tree, chunk)),
+            chunks,
+            fn_output_signature=out_signature,
+        )
+        boxes, scores, classes, valid = (
+            tf.reshape(o, tf.concat([[n * k], tf.shape(o)[2:]], 0))[:b] for o in outs
+        )
+        return {
+            "boxes": boxes,
+            "scores": scores,
+            "classes": classes,
+            "valid": valid,
+            "num_detections": tf.reduce_sum(tf.cast(valid, tf.int32), axis=1),
+        }
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        return run(images)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image")])
+    def serve_single(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        return run(image[None])
+
+    module.serve = serve
+    module.serve_single = serve_single
+    with stablehlo_target():
+        tf.saved_model.save(
+            module,
+            out_dir,
+            signatures={"serving_default": serve, "serve_single": serve_single},
+            options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
+        )
+    return out_dir
+
+
+def _plain(tree: Any) -> Any:
+    """Nested plain dicts of numpy arrays (flax FrozenDicts / orbax outputs → dict)."""
+    if hasattr(tree, "items"):
+        return {str(k): _plain(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import app, flags
+
+    from daipnet_jax.evaluation.loop import restore_variables
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    FLAGS = flags.FLAGS
+    config = FLAGS.config
+    if not FLAGS.checkpoint:
+        raise app.UsageError(
+            "--checkpoint is required (a training workdir or a converted checkpoint)"
+        )
+    variables = restore_variables(config, FLAGS.checkpoint, FLAGS.step)
+    path = export_saved_model(config, variables, FLAGS.out, batch_size=FLAGS.batch_size)
+    print(f"SavedModel written to {path} (signatures: serving_default, serve_single)")
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from daipnet_jax.evaluation.loop import CheckpointError
+
+    config_flags.DEFINE_config_file("config", None, "config file (file.py:arg)", lock_config=False)
+    flags.DEFINE_string("checkpoint", None, "training workdir or converted checkpoint directory")
+    flags.DEFINE_integer("step", None, "checkpoint step (workdir only; default latest)")
+    flags.DEFINE_string("out", "saved_model", "output SavedModel directory")
+    flags.DEFINE_integer("batch_size", 1, "images per call of the converted network")
+    flags.mark_flags_as_required(["config", "out"])
+
+    def _main(args: Sequence[str]) -> None:
+        try:
+            main(args)
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(_main, argv=list(argv) if argv is not None else None)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,413 @@
+"""Evaluation loop, evaluate.py, predict and the SavedModel export (issue 7)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from daipnet_jax import boxes as boxes_lib
+from daipnet_jax.config import base_config
+from daipnet_jax.evaluation import CocoEvaluator, evaluate
+from daipnet_jax.evaluation.loop import CheckpointError, check_variables, load_checkpoint
+from daipnet_jax.predict import (
+    InputError,
+    collect_images,
+    draw_detections,
+    load_image,
+    palette,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------ loop with a scripted model
+class _ScriptedModel:
+    """`apply`: image b asks, through its pixel (0, 0), for one confident detection of label
+    `image[b,0,0,1]` on prior `image[b,0,0,0]` (box = the prior, loc = 0); nothing else
+    scores above 0.01 (background logit 10 everywhere)."""
+
+    def __init__(self, num_priors: int, num_classes: int):
+        self.p, self.c = num_priors, num_classes
+
+    def apply(self, variables, images, train=False):
+        import jax.numpy as jnp
+
+        idx = images[:, 0, 0, 0].astype(jnp.int32)
+        lab = images[:, 0, 0, 1].astype(jnp.int32)
+        hit = jax.nn.one_hot(idx, self.p)[:, :, None] * jax.nn.one_hot(lab, self.c)[:, None, :]
+        logits = 10.0 * jax.nn.one_hot(0, self.c) + (20.0 + variables["x"]) * hit
+        return jnp.zeros((images.shape[0], self.p, 4)), logits
+
+
+def test_evaluate_loop_maps_back_and_skips_padding(tmp_path):
+    config = base_config("daipnet300", "generated", width=0.125)
+    config.model.num_classes = 4
+    priors = boxes_lib.prior_boxes(config)
+    corners = np.concatenate(
+        [priors[:, :2] - priors[:, 2:] / 2, priors[:, :2] + priors[:, 2:] / 2], 1
+    )
+    inside = np.nonzero(np.all((corners > 0.05) & (corners < 0.95), axis=1))[0]
+    idx = inside[[10, 500, 3000, 10]]
+    labels = np.array([1, 3, 2, 1])
+    sizes = np.array([[100, 200], [480, 640], [300, 300], [1, 1]])
+    ids = np.array([11, 12, 13, -1])  # the last row is a padding example (valid=False)
+    cats = [5, 9, 2]  # label k ↔ category cats[k-1]
+    gt = {
+        "images": [
+            {"id": int(i), "height": int(h), "width": int(w)}
+            for i, (h, w) in zip(ids[:3], sizes[:3], strict=True)
+        ],
+        "categories": [{"id": c, "name": f"c{c}"} for c in cats],
+        "annotations": [],
+    }
+    for n in range(3):  # ground truth = the prior's box in pixels of the original image
+        h, w = sizes[n]
+        x0, y0, x1, y1 = corners[idx[n]] * np.array([w, h, w, h])
+        gt["annotations"].append(
+            {
+                "id": n + 1,
+                "image_id": int(ids[n]),
+                "category_id": cats[labels[n] - 1],
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": (x1 - x0) * (y1 - y0),
+                "iscrowd": 0,
+            }
+        )
+    images = np.zeros((4, 300, 300, 3), np.float32)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = idx, labels
+    batches = [
+        {
+            "image": images[s : s + 2],
+            "image_id": ids[s : s + 2],
+            "orig_size": sizes[s : s + 2],
+            "valid": ids[s : s + 2] >= 0,
+        }
+        for s in (0, 2)
+    ]
+    ev = CocoEvaluator(gt, [0, *cats])
+    m = evaluate(
+        config,
+        {"x": np.float32(0.0)},
+        batches,
+        ev,
+        model=_ScriptedModel(len(priors), 4),
+        workdir=str(tmp_path),
+        step=7,
+    )
+    assert m["num_images"] == 3
+    assert len(ev.results) == 3  # the padding row's detection is dropped
+    assert m["AP"] == pytest.approx(1.0) and m["AP75"] == pytest.approx(1.0)
+    by_image = {r["image_id"]: r for r in ev.results}
+    for n in range(3):
+        r = by_image[int(ids[n])]
+        assert r["category_id"] == cats[labels[n] - 1]
+        np.testing.assert_allclose(r["bbox"], gt["annotations"][n]["bbox"], atol=0.006)
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["step"] == 7 and written["AP"] == pytest.approx(1.0)
+    assert (tmp_path / "eval" / "metrics_7.json").exists()
+    assert (tmp_path / "eval" / "detections_val2017_daipnet_results.json").exists()
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+
+
+# ------------------------------------------------------------------ checkpoints
+def test_checkpoint_errors(tmp_path):
+    import orbax.checkpoint as ocp
+
+    tree = {
+        "params": {
+            "conv": {"kernel": np.ones((3, 3, 3, 8), np.float32), "bias": np.zeros(8, np.float32)}
+        },
+        "batch_stats": {"bn": {"mean": np.arange(8, dtype=np.float32)}},
+    }
+    path = tmp_path / "converted"
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(str(path), tree)
+    ckptr.wait_until_finished()
+    got = load_checkpoint(str(path))
+    np.testing.assert_array_equal(got["batch_stats"]["bn"]["mean"], np.arange(8))
+    check_variables(tree, got)  # fits itself
+
+    wrong = {
+        "params": {"conv": {"kernel": np.ones((3, 3, 3, 16)), "bias": np.zeros(16)}},
+        "batch_stats": tree["batch_stats"],
+    }
+    with pytest.raises(
+        CheckpointError, match=r"\['params'\]\['conv'\]\['bias'\] has shape \(8,\).*\(16,\)"
+    ):
+        check_variables(wrong, got)
+    extra = {"params": {**wrong["params"], "head": {"kernel": np.ones(2)}}, "batch_stats": {}}
+    with pytest.raises(CheckpointError, match=r"missing|shape"):
+        check_variables(extra, got)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        load_checkpoint(str(tmp_path / "empty"))
+
+
+# ------------------------------------------------------------------ predict helpers
+def test_collect_and_load_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="contains no images"):
+        collect_images([str(tmp_path / "empty")])
+    with pytest.raises(InputError, match="does not exist"):
+        collect_images([str(tmp_path / "missing.jpg")])
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(InputError, match=r"cannot read image .*bad\.jpg"):
+        load_image(bad)
+    good = tmp_path / "imgs"
+    good.mkdir()
+    for n in ("b.png", "a.jpg", "notes.txt"):
+        if n.endswith("txt"):
+            (good / n).write_text("x")
+        else:
+            Image.new("RGB", (8, 6)).save(good / n)
+    assert [p.name for p in collect_images([str(good)])] == ["a.jpg", "b.png"]
+    assert load_image(good / "b.png").shape == (6, 8, 3)
+
+
+def test_draw_detections_marks_box_outline():
+    img = np.full((120, 160, 3), 128, np.uint8)
+    names = ["a", "b", "c"]
+    box = np.array([[40.0, 50.0, 120.0, 110.0]])
+    out = np.asarray(draw_detections(img, box, np.array([0.9]), np.array([2]), names))
+    col = palette(3)[2]
+    assert out.shape == img.shape
+    # Outline pixels: left edge at x = 40 (rows below the label tag), bottom edge at y = 110.
+    np.testing.assert_array_equal(out[90, 40], col)
+    np.testing.assert_array_equal(out[110, 80], col)
+    # Interior and outside untouched.
+    np.testing.assert_array_equal(out[95, 80], [128, 128, 128])
+    np.testing.assert_array_equal(out[5, 5], [128, 128, 128])
+    # The tag above the box has the class colour and some text pixels of another colour.
+    tag = out[30:50, 40:70].reshape(-1, 3)
+    assert np.any(np.all(tag == col, axis=1)) and np.any(np.any(tag != col, axis=1))
+    # Palette: distinct colours.
+    assert len(set(palette(80)[1:])) == 80
+
+
+def test_predict_cli_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    for arg, msg in (
+        (str(tmp_path / "empty"), "contains no images"),
+        (str(bad), "cannot read image"),
+    ):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "daipnet_jax.predict",
+                "--config=configs/generated.py",
+                "--checkpoint",
+                str(tmp_path),
+                f"--out={tmp_path}/o",
+                arg,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert msg in proc.stderr
+    # The export command: a missing checkpoint is named in a one-line error.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daipnet_jax.export",
+            "--config=configs/generated.py",
+            f"--checkpoint={tmp_path / 'nope'}",
+            f"--out={tmp_path}/sm",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ end to end on a tiny model
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A width-0.125 DAIPNet300 (random init) saved as a converted checkpoint, and a small
+    generated dataset."""
+    import orbax.checkpoint as ocp
+
+    from configs.generated import get_config
+    from daipnet_jax import models
+
+    root = tmp_path_factory.mktemp("tiny")
+    overrides = {
+        "data.data_dir": str(root / "data"),
+        "data.generated_num_train": 2,
+        "data.generated_num_val": 3,
+        "train.eval_batch_size": 2,
+    }
+    config = get_config("daipnet300,width=0.125")
+    for k, v in overrides.items():
+        sec, key = k.split(".")
+        config[sec][key] = v
+    model = models.build(config)
+    variables = jax.jit(
+        lambda: model.init(
+            jax.random.PRNGKey(0), np.zeros((1, 300, 300, 3), np.float32), train=False
+        )
+    )()
+    variables = jax.device_get(
+        {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    )
+    ckpt = root / "ckpt"
+    c = ocp.StandardCheckpointer()
+    c.save(str(ckpt), variables)
+    c.wait_until_finished()
+    flags = ["--config=configs/generated.py:daipnet300,width=0.125"] + [
+        f"--config.{k}={v}" for k, v in overrides.items()
+    ]
+    return dict(
+        config=config, model=model, variables=variables, ckpt=str(ckpt), root=root, flags=flags
+    )
+
+
+def _run(args, timeout=600):
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    return proc
+
+
+@pytest.mark.slow
+def test_evaluate_cli_end_to_end(tiny):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from daipnet_jax import data
+
+    out = tiny["root"] / "eval_out"
+    proc = _run(["evaluate.py", *tiny["flags"], f"--checkpoint={tiny['ckpt']}", f"--workdir={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["num_images"] == 3
+    results_file = out / "eval" / "detections_val2017_daipnet300_generated_results.json"
+    results = json.loads(results_file.read_text())
+    gt = data.eval_ground_truth(tiny["config"])
+    assert {r["image_id"] for r in results} <= {im["id"] for im in gt["images"]}
+    assert {r["category_id"] for r in results} <= {c["id"] for c in gt["categories"]}
+    # The written numbers are pycocotools' own on the written results file.
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(str(results_file)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    np.testing.assert_allclose([metrics[k] for k in names], ev.stats, atol=1e-12)
+
+    # A mismatched checkpoint (other width) and a missing one: clear errors, exit code 2.
+    flags = [f.replace("width=0.125", "width=0.25") for f in tiny["flags"]]
+    proc = _run(["evaluate.py", *flags, f"--checkpoint={tiny['ckpt']}"])
+    assert proc.returncode == 2 and "does not fit the model" in proc.stderr
+    proc = _run(["evaluate.py", *tiny["flags"], f"--checkpoint={tiny['root'] / 'missing'}"])
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+    # A training workdir (the trainer's Checkpointer layout) with steps 3 and 5: --step 3.
+    import optax
+
+    from daipnet_jax.training.checkpoint import Checkpointer
+    from daipnet_jax.training.state import create_train_state
+
+    workdir = tiny["root"] / "train_run"
+    ck = Checkpointer(workdir / "checkpoints", keep=3)
+    state = create_train_state(tiny["variables"], optax.sgd(0.1), jax.random.PRNGKey(0))
+    for step in (3, 5):
+        ck.save(step, state.replace(step=np.int32(step)), {"data_position": step, "step": step})
+    ck.close()
+    proc = _run(["evaluate.py", *tiny["flags"], f"--workdir={workdir}", "--step=3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_step = json.loads((workdir / "eval" / "metrics_3.json").read_text())
+    assert by_step["step"] == 3 and by_step["num_images"] == 3
+    # Same weights as the converted checkpoint: the same numbers.
+    assert by_step["AP"] == pytest.approx(metrics["AP"], abs=1e-12)
+    assert by_step["AR100"] == pytest.approx(metrics["AR100"], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_predict_cli_writes_pngs_and_json(tiny):
+    imgs = tiny["root"] / "inputs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = [(90, 140), (200, 120), (64, 64)]
+    for n, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(imgs / f"im{n}.jpg")
+    out = tiny["root"] / "pred"
+    # Random weights: every (prior, class) scores ~1/4, so threshold 0 keeps detections.
+    proc = _run(
+        [
+            "-m",
+            "daipnet_jax.predict",
+            *tiny["flags"],
+            f"--checkpoint={tiny['ckpt']}",
+            f"--out={out}",
+            "--score_threshold=0.0",
+            str(imgs),
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for n, (h, w) in enumerate(sizes):
+        rec = json.loads((out / f"im{n}.json").read_text())
+        assert (rec["height"], rec["width"]) == (h, w)
+        assert 0 < len(rec["detections"]) <= tiny["config"].postprocess.max_detections
+        d = rec["detections"][0]
+        assert d["class_name"] == ["rectangle", "ellipse", "triangle"][d["label"] - 1]
+        x0, y0, x1, y1 = d["bbox"]
+        assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h
+        png = np.asarray(Image.open(out / f"im{n}.png").convert("RGB"))
+        orig = np.asarray(Image.open(imgs / f"im{n}.jpg").convert("RGB"))
+        assert png.shape == orig.shape
+        assert np.mean(np.any(png != orig, axis=-1)) > 0.01  # boxes drawn
+
+
+@pytest.mark.slow
+def test_saved_model_matches_jax(tiny, tmp_path):
+    import tensorflow as tf
+
+    from daipnet_jax.evaluation.loop import make_predict_fn
+    from daipnet_jax.export import export_saved_model
+    from daipnet_jax.predict import resize_images
+
+    config, model, variables = tiny["config"], tiny["model"], tiny["variables"]
+    path = export_saved_model(config, variables, str(tmp_path / "sm"), model=model)
+    loaded = tf.saved_model.load(path)
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (2, 120, 170, 3), dtype=np.uint8)
+    out = loaded.signatures["serving_default"](images=tf.constant(images))
+    ref = jax.jit(make_predict_fn(config, model))(variables, np.asarray(resize_images(images, 300)))
+    boxes, scores, classes, valid = (np.asarray(x) for x in ref)
+    assert valid.sum() > 0
+    np.testing.assert_array_equal(out["valid"].numpy(), valid)
+    np.testing.assert_allclose(out["scores"].numpy(), scores, atol=1e-5)
+    # Random weights give huge loc offsets (exp-decoded boxes up to ~1e18): relative tolerance.
+    np.testing.assert_allclose(out["boxes"].numpy(), boxes, rtol=2e-4, atol=1e-5)
+    np.testing.assert_array_equal(out["classes"].numpy(), classes)
+    np.testing.assert_array_equal(out["num_detections"].numpy(), valid.sum(1))
+    # One image of another size through the single-image signature.
+    single = rng.integers(0, 256, (77, 301, 3), dtype=np.uint8)
+    o1 = loaded.signatures["serve_single"](image=tf.constant(single))
+    r1 = jax.jit(make_predict_fn(config, model))(variables, np.asarray(resize_images(single, 300)))
+    np.testing.assert_allclose(o1["scores"].numpy(), np.asarray(r1[1]), atol=1e-5)
+    np.testing.assert_array_equal(o1["classes"].numpy(), np.asarray(r1[2]))
