@@ -35,7 +35,6 @@ BN_MOMENTUM = 0.99  # Flax running-average momentum = 1 - PyTorch momentum 0.01 
 BN_EPSILON = 1e-5
 
 
-
 def conv_init(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
     """He-normal, fan-out initialiser of an HWIO kernel: N(0, 2 / (kh·kw·C_out)) (SPEC §3.5).
 
