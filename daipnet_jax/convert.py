@@ -305,7 +305,8 @@ def apply_entries(
                 f"{fmt}: key {e.key!r} has a wrong shape: {tuple(src.shape)} becomes "
                 f"{tuple(value.shape)} but {'/'.join(dest)} is {want}"
             )
-        written[dest] = np.ascontiguousarray(value, dtype=np.float32)
+        # reshape: np.ascontiguousarray turns 0-d values (AFFM ω) into shape (1,)
+        written[dest] = np.ascontiguousarray(value, dtype=np.float32).reshape(value.shape)
     req = list(require) or [("params", ()), ("batch_stats", ())]
     for dest in flat_target:
         if dest not in written and any(
