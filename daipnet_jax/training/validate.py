@@ -1,0 +1,180 @@
+"""Config validation run before anything is built or compiled (issue 9, item 1).
+
+`validate_config` checks every key the training run depends on and raises `ConfigError` (a
+`ValueError`) whose message starts with the offending key, e.g.
+`ConfigError: train.batch_size=6 is not divisible by the 4 devices`. Unknown `--config.X` keys
+never reach this function: `ml_collections.config_flags` already refuses them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from daipnet_jax import config as config_lib
+
+SOURCES = ("generated", "tfds", "coco_folder")
+DTYPES = ("float32", "bfloat16")
+TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be trained with; `key` names the config entry."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if part not in node:
+            raise ConfigError(key, "missing from the config")
+        node = node[part]
+    return node
+
+
+def _positive(config: ml_collections.ConfigDict, key: str, *, allow_zero: bool = False) -> float:
+    value = _get(config, key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(key, f"{value!r} is not a finite number")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"{value!r} must be {'>= 0' if allow_zero else '> 0'}")
+    return float(value)
+
+
+def _one_of(config: ml_collections.ConfigDict, key: str, allowed: Sequence[Any]) -> Any:
+    value = _get(config, key)
+    if value not in allowed:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def dataset_kind(config: ml_collections.ConfigDict) -> str:
+    """`coco`, `voc` or `generated`, from the data source (the num_classes rule depends on it)."""
+    source = config.data.source
+    if source == "generated":
+        return "generated"
+    if source == "tfds":
+        return "voc" if str(config.data.tfds_name).startswith("voc") else "coco"
+    return "folder"
+
+
+def validate_config(
+    config: ml_collections.ConfigDict, *, device_count: int | None = None, process_count: int = 1
+) -> None:
+    """Raise `ConfigError` naming the first key that cannot be trained with.
+
+    `device_count` (global, all hosts) defaults to `jax.device_count()`; pass it explicitly to
+    validate without touching the backend. Checks, in order: model switches and family, image
+    size against the prior table, num_classes against the dataset, dtype, data source and its
+    required keys, batch divisibility over devices and processes, optimiser and schedule
+    numbers, durations, logging/checkpoint periods, the transfer guard.
+    """
+    m = config.model
+    family = _one_of(config, "model.family", ("ssd", "lrf"))
+    if family == "lrf":
+        _one_of(config, "model.aux", ("lsn", "ipn"))
+        _one_of(config, "model.fusion", ("lrf", "affm"))
+        _one_of(config, "model.topdown", ("lrf", "pafm"))
+    size = _get(config, "model.image_size")
+    if size not in (300, 512):
+        raise ConfigError("model.image_size", f"{size!r}: priors exist only for 300 and 512")
+    fm = list(_get(config, "priors.feature_maps"))
+    expected_fm = config_lib.prior_table("coco", size, family)["feature_maps"]
+    if fm != expected_fm:
+        raise ConfigError(
+            "priors.feature_maps",
+            f"{fm} does not match model.image_size={size} (expected {expected_fm})",
+        )
+    n = len(fm)
+    for key in ("steps", "min_sizes", "max_sizes", "aspect_ratios"):
+        if len(_get(config, f"priors.{key}")) != n:
+            raise ConfigError(f"priors.{key}", f"needs {n} entries, one per feature map")
+    if len(_get(config, "priors.variances")) != 2:
+        raise ConfigError("priors.variances", "needs 2 entries (centre, size)")
+    _positive(config, "model.width")
+    _one_of(config, "model.dtype", DTYPES)
+    if len(m.pixel_mean) != 3:
+        raise ConfigError("model.pixel_mean", "needs 3 entries (RGB)")
+    if len(m.pixel_std) != 3 or min(m.pixel_std) <= 0:
+        raise ConfigError("model.pixel_std", "needs 3 positive entries (RGB)")
+
+    source = _one_of(config, "data.source", SOURCES)
+    num_classes = _get(config, "model.num_classes")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ConfigError("model.num_classes", f"{num_classes!r} must be an int >= 2")
+    kind = dataset_kind(config)
+    expected = {
+        "coco": config_lib.DATASET_CLASSES["coco"],
+        "voc": config_lib.DATASET_CLASSES["voc"],
+        "generated": int(config.data.generated_num_classes) + 1,
+    }.get(kind)
+    if expected is not None and num_classes != expected:
+        raise ConfigError(
+            "model.num_classes",
+            f"{num_classes} is inconsistent with the {kind} dataset "
+            f"({expected} = its classes + background)",
+        )
+    if source == "tfds" and not config.data.tfds_name:
+        raise ConfigError("data.tfds_name", "must name a tfds builder when data.source='tfds'")
+    if source == "coco_folder":
+        for key in ("data.annotation_file", "data.image_dir"):
+            if not _get(config, key):
+                raise ConfigError(key, "is required when data.source='coco_folder'")
+    _positive(config, "data.max_boxes")
+
+    t = config.train
+    devices = device_count
+    if devices is None:
+        import jax
+
+        devices = jax.device_count()
+    batch = _get(config, "train.batch_size")
+    if not isinstance(batch, int) or batch <= 0:
+        raise ConfigError("train.batch_size", f"{batch!r} must be a positive int")
+    if batch % devices:
+        raise ConfigError(
+            "train.batch_size", f"{batch} is not divisible by the {devices} devices (data axis)"
+        )
+    if batch % process_count:
+        raise ConfigError(
+            "train.batch_size", f"{batch} is not divisible by the {process_count} processes"
+        )
+    _positive(config, "train.eval_batch_size")
+    _positive(config, "train.base_lr")
+    _positive(config, "train.reference_batch_size")
+    _positive(config, "train.warmup_init_lr", allow_zero=True)
+    _positive(config, "train.momentum", allow_zero=True)
+    if t.momentum >= 1:
+        raise ConfigError("train.momentum", f"{t.momentum} must be < 1")
+    _positive(config, "train.weight_decay", allow_zero=True)
+    _positive(config, "train.decay_factor")
+    _positive(config, "train.warmup_epochs", allow_zero=True)
+    total_epochs = _positive(config, "train.total_epochs")
+    decay = list(_get(config, "train.decay_epochs"))
+    if decay != sorted(decay) or any(d <= 0 for d in decay):
+        raise ConfigError("train.decay_epochs", f"{decay} must be positive and increasing")
+    if decay and decay[-1] > total_epochs:
+        raise ConfigError(
+            "train.decay_epochs", f"{decay} reaches past train.total_epochs={total_epochs}"
+        )
+    if not isinstance(t.total_steps, int) or (t.total_steps <= 0 and t.total_steps != -1):
+        raise ConfigError("train.total_steps", f"{t.total_steps!r}: -1 (epochs) or > 0 steps")
+    if not isinstance(t.train_examples, int) or (t.train_examples <= 0 and t.train_examples != -1):
+        raise ConfigError("train.train_examples", f"{t.train_examples!r}: -1 or > 0")
+    _positive(config, "train.neg_pos_ratio")
+    if not 0 < t.match_iou <= 1:
+        raise ConfigError("train.match_iou", f"{t.match_iou!r} must be in (0, 1]")
+    _positive(config, "train.log_every_steps")
+    _positive(config, "train.checkpoint_every_steps")
+    _positive(config, "train.keep_checkpoints")
+    _positive(config, "train.eval_every_steps", allow_zero=True)
+    _positive(config, "train.max_train_seconds", allow_zero=True)
+    _one_of(config, "train.transfer_guard", TRANSFER_GUARDS)
+    if config.init.vgg and config.init.checkpoint:
+        raise ConfigError("init.vgg", "set either init.vgg or init.checkpoint, not both")
