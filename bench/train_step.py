@@ -31,6 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from daipnet_jax.models.conv import add_fast_conv_flags  # noqa: E402
+
+add_fast_conv_flags()  # XLA:CPU convolutions on Eigen, as train.py runs them
+
 
 def _time(fn, iters: int) -> float:
     """Median wall seconds of `fn()` over `iters` runs after one warm-up."""
