@@ -34,7 +34,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy daipnet_jax/models daipnet_jax/boxes.py daipnet_jax/losses.py daipnet_jax/postprocess.py daipnet_jax/data daipnet_jax/convert.py daipnet_jax/evaluation
+	$(BIN)/mypy daipnet_jax
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

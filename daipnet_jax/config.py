@@ -47,6 +47,11 @@ def prior_table(dataset: str, image_size: int, family: str) -> dict[str, Any]:
     family keeps ssd.pytorch's aspect ratios: [2], [2,3]x3, [2], [2] at 300 (k = 4,6,6,6,4,4);
     choice at 512 (ssd.pytorch has no 512 table): [2], [2,3]x4, [2], [2] with the LRF sizes.
     """
+    feature_maps: list[int]
+    steps: list[int]
+    min_sizes: list[float]
+    max_sizes: list[float]
+    ratios: list[list[int]]
     if image_size == 300:
         feature_maps = [38, 19, 10, 5, 3, 1]
         steps = [8, 16, 32, 64, 100, 300]
@@ -195,6 +200,7 @@ def base_config(variant: str, dataset: str, *, width: float = 1.0) -> ml_collect
     t.scale_lr_with_batch = True
     t.warmup_init_lr = 1e-6
     t.momentum = 0.9
+    t.optimizer = "sgd"  # the paper's recipe; "adam" only for the from-scratch quick start
     t.weight_decay = 5e-4
     if dataset == "voc":
         t.warmup_epochs, t.decay_epochs, t.total_epochs = 6, (150, 200), 250
