@@ -23,7 +23,14 @@ import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-SCRIPTS = ["postprocess.py", "input_pipeline.py", "model_latency.py", "train_step.py", "eval.py"]
+SCRIPTS = [
+    "postprocess.py",
+    "input_pipeline.py",
+    "model_latency.py",
+    "train_step.py",
+    "eval.py",
+    "conv_backward.py",
+]
 PACKAGES = [
     "jax",
     "jaxlib",
