@@ -35,10 +35,9 @@ def get_config(arg: str | None = None):
         # loaded one the cap stops it earlier.
         c.train.optimizer = "adam"
         c.train.base_lr = 1e-3
-        with c.train.ignore_type():  # fractional epochs (the recipe's are whole numbers)
-            c.train.warmup_epochs = 0.25
-            c.train.decay_epochs = (3.0,)
-            c.train.total_epochs = 3.5
+        c.train.warmup_epochs = 0.25
+        c.train.decay_epochs = (3.0,)
+        c.train.total_epochs = 3.5
         c.train.log_every_steps = 25
         c.train.checkpoint_every_steps = 250
         c.train.max_train_seconds = 660.0

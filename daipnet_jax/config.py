@@ -203,9 +203,10 @@ def base_config(variant: str, dataset: str, *, width: float = 1.0) -> ml_collect
     t.optimizer = "sgd"  # the paper's recipe; "adam" only for the from-scratch quick start
     t.weight_decay = 5e-4
     if dataset == "voc":
-        t.warmup_epochs, t.decay_epochs, t.total_epochs = 6, (150, 200), 250
+        t.warmup_epochs, t.decay_epochs, t.total_epochs = 6.0, (150.0, 200.0), 250.0
     else:
-        t.warmup_epochs, t.decay_epochs, t.total_epochs = 6, (90, 120, 140), 160
+        t.warmup_epochs, t.decay_epochs, t.total_epochs = 6.0, (90.0, 120.0, 140.0), 160.0
+    # Epochs are floats so that `--config.train.warmup_epochs=0.5` is accepted.
     t.decay_factor = 0.1
     t.total_steps = -1  # > 0 overrides total_epochs (durations in steps)
     t.train_examples = -1  # epoch size; -1: from the data source
