@@ -266,6 +266,36 @@ class _IBN(nn.Module):
         return self.bn(x)
 
 
+def lrf_extras_and_heads(size: int, num_classes: int, w) -> tuple[nn.ModuleList, ...]:
+    """LRF's extras (OTC blocks, then the valid 3×3 / 4×4 blocks) and its loc / conf heads."""
+    extras: list[nn.Module] = []
+    otc = [(1024, 512), (512, 256)] + ([(256, 256), (256, 256)] if size == 512 else [])
+    for a, b in otc:
+        extras += [_OneThree(w(a), w(b)), nn.ReLU()]
+    if size == 300:
+        extras += [
+            ConvBlock(w(256), w(128), 1),
+            ConvBlock(w(128), w(256), 3),
+            ConvBlock(w(256), w(128), 1),
+            ConvBlock(w(128), w(256), 3),
+        ]
+    else:
+        extras += [ConvBlock(w(256), w(128), 1), ConvBlock(w(128), w(256), 4, 1, 1)]
+    extras_list = nn.ModuleList(extras)
+    if size == 300:
+        sources, anchors = [512, 1024, 512, 256, 256, 256], [6, 6, 6, 6, 4, 4]
+    else:
+        sources, anchors = [512, 1024, 512, 256, 256, 256, 256], [6, 6, 6, 6, 6, 4, 4]
+    loc = nn.ModuleList(
+        nn.Conv2d(w(c), k * 4, 3, padding=1) for c, k in zip(sources, anchors, strict=True)
+    )
+    conf = nn.ModuleList(
+        nn.Conv2d(w(c), k * num_classes, 3, padding=1)
+        for c, k in zip(sources, anchors, strict=True)
+    )
+    return extras_list, loc, conf
+
+
 class LRF(nn.Module):
     """Official LRF300 / LRF512 (COCO) with the `vaesl/LRF-Net` state-dict keys (SPEC §3).
 
@@ -307,31 +337,7 @@ class LRF(nn.Module):
             setattr(self, f"merge{i}", ConvBlock(c, c, 3, 1, 1))
         self.ibn1 = _IBN(w(512))
         self.ibn2 = _IBN(w(1024))
-        extras: list[nn.Module] = []
-        otc = [(1024, 512), (512, 256)] + ([(256, 256), (256, 256)] if size == 512 else [])
-        for a, b in otc:
-            extras += [_OneThree(w(a), w(b)), nn.ReLU()]
-        if size == 300:
-            extras += [
-                ConvBlock(w(256), w(128), 1),
-                ConvBlock(w(128), w(256), 3),
-                ConvBlock(w(256), w(128), 1),
-                ConvBlock(w(128), w(256), 3),
-            ]
-        else:
-            extras += [ConvBlock(w(256), w(128), 1), ConvBlock(w(128), w(256), 4, 1, 1)]
-        self.extras = nn.ModuleList(extras)
-        if size == 300:
-            sources, anchors = [512, 1024, 512, 256, 256, 256], [6, 6, 6, 6, 4, 4]
-        else:
-            sources, anchors = [512, 1024, 512, 256, 256, 256, 256], [6, 6, 6, 6, 6, 4, 4]
-        self.loc = nn.ModuleList(
-            nn.Conv2d(w(c), k * 4, 3, padding=1) for c, k in zip(sources, anchors, strict=True)
-        )
-        self.conf = nn.ModuleList(
-            nn.Conv2d(w(c), k * num_classes, 3, padding=1)
-            for c, k in zip(sources, anchors, strict=True)
-        )
+        self.extras, self.loc, self.conf = lrf_extras_and_heads(size, num_classes, w)
 
     def _lds(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.max_pool2d(x, 2, 2), 2, 2)

@@ -34,8 +34,8 @@ from torch_reference import (
     _heads,
     _LSNInit,
     _LSNLater,
-    _OneThree,
     _Single,
+    lrf_extras_and_heads,
     scaled,
     vgg_layers,
 )
@@ -224,31 +224,7 @@ class DAIPNetTorch(nn.Module):
             else:
                 setattr(self, f"pafm{i}", PAFMLevelTorch(c, u))
         # ---- extras (SPEC §3.1), heads (§3.5)
-        extras: list[nn.Module] = []
-        otc = [(1024, 512), (512, 256)] + ([(256, 256), (256, 256)] if size == 512 else [])
-        for a, b in otc:
-            extras += [_OneThree(w(a), w(b)), nn.ReLU()]
-        if size == 300:
-            extras += [
-                ConvBlock(w(256), w(128), 1),
-                ConvBlock(w(128), w(256), 3),
-                ConvBlock(w(256), w(128), 1),
-                ConvBlock(w(128), w(256), 3),
-            ]
-        else:
-            extras += [ConvBlock(w(256), w(128), 1), ConvBlock(w(128), w(256), 4, 1, 1)]
-        self.extras = nn.ModuleList(extras)
-        if size == 300:
-            sources, anchors = [512, 1024, 512, 256, 256, 256], [6, 6, 6, 6, 4, 4]
-        else:
-            sources, anchors = [512, 1024, 512, 256, 256, 256, 256], [6, 6, 6, 6, 6, 4, 4]
-        self.loc = nn.ModuleList(
-            nn.Conv2d(w(c), k * 4, 3, padding=1) for c, k in zip(sources, anchors, strict=True)
-        )
-        self.conf = nn.ModuleList(
-            nn.Conv2d(w(c), k * num_classes, 3, padding=1)
-            for c, k in zip(sources, anchors, strict=True)
-        )
+        self.extras, self.loc, self.conf = lrf_extras_and_heads(size, num_classes, w)
 
     def _up(self, x: torch.Tensor, size: int) -> torch.Tensor:
         return F.interpolate(
