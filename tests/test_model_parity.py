@@ -12,16 +12,17 @@ largest magnitude. Row 1 (exact LRF) is covered by `tests/test_convert.py`.
 from __future__ import annotations
 
 import jax
-import numpy as np
 import pytest
 import torch
 import torch_reference as ref
 import torch_reference_daipnet as dref
+from torch_reference import caffe_input as _caffe_input
+from torch_reference import random_image as _image
+from torch_reference import rel_err as _rel_err
 
 from daipnet_jax import convert, models
 from daipnet_jax.config import base_config
 
-CAFFE_MEAN_BGR = np.array([104.0, 117.0, 123.0], np.float32)
 TOL = 1e-4  # relative to the output's largest magnitude
 OMEGAS = (0.3, -0.2, 0.6, 0.45)  # AFFM ω_1..ω_4 (eq. 1): any non-zero values
 
@@ -105,20 +106,6 @@ def daipnet_entries(
 
 
 # ------------------------------------------------------------------ helpers
-def _image(size: int, seed: int = 0) -> np.ndarray:
-    """A random RGB image [1, S, S, 3] in [0, 255]."""
-    return np.random.default_rng(seed).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
-
-
-def _caffe_input(rgb: np.ndarray) -> torch.Tensor:
-    """RGB [B,H,W,3] → caffe-style BGR minus mean, NCHW (the reference's input convention)."""
-    bgr = rgb[..., ::-1] - CAFFE_MEAN_BGR
-    return torch.from_numpy(np.ascontiguousarray(bgr.transpose(0, 3, 1, 2)))
-
-
-def _rel_err(ours, theirs) -> float:
-    theirs = np.asarray(theirs, np.float64)
-    return float(np.abs(np.asarray(ours, np.float64) - theirs).max() / np.abs(theirs).max())
 
 
 def _reference(size, aux, fusion, topdown, width, align_corners, seed) -> dref.DAIPNetTorch:

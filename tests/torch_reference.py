@@ -24,12 +24,30 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 VGG_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "C", 512, 512, 512, "M", 512, 512, 512]
 CAFFE_MEAN_BGR = (104.0, 117.0, 123.0)
+
+
+def random_image(size: int, seed: int = 0) -> np.ndarray:
+    """A random RGB image [1, S, S, 3] in [0, 255], float32."""
+    return np.random.default_rng(seed).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
+
+
+def caffe_input(rgb: np.ndarray) -> torch.Tensor:
+    """RGB [B,H,W,3] → caffe-style BGR minus mean, NCHW float32 (the references' input)."""
+    bgr = rgb[..., ::-1] - np.asarray(CAFFE_MEAN_BGR, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(bgr.transpose(0, 3, 1, 2)))
+
+
+def rel_err(ours, theirs) -> float:
+    """max |ours − theirs| / max |theirs|, in float64."""
+    theirs = np.asarray(theirs, np.float64)
+    return float(np.abs(np.asarray(ours, np.float64) - theirs).max() / np.abs(theirs).max())
 
 
 def scaled(c: int, width: float) -> int:
