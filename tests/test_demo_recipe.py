@@ -7,8 +7,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 import pytest
+from training_support import optax_and_torch_steps
 
 from daipnet_jax.config import base_config
 from daipnet_jax.training import schedule as schedule_lib
@@ -31,22 +31,10 @@ def test_adam_option_is_pytorch_adam_with_l2():
     c.train.weight_decay = 5e-4
     lrs = [1e-3, 5e-4, 2e-3, 1e-4]
     tx = schedule_lib.make_optimizer(c, lambda step: jax.numpy.asarray(lrs)[step])
-    rng = np.random.default_rng(0)
-    p0 = rng.normal(size=(5, 3)).astype(np.float32)
-    grads = [rng.normal(size=(5, 3)).astype(np.float32) for _ in lrs]
-
-    tp = torch.nn.Parameter(torch.tensor(p0.copy()))
-    opt = torch.optim.Adam([tp], lr=lrs[0], weight_decay=5e-4)
-    params = {"w": jax.numpy.asarray(p0)}
-    state = tx.init(params)
-    for lr, g in zip(lrs, grads, strict=True):
-        for group in opt.param_groups:
-            group["lr"] = lr
-        tp.grad = torch.tensor(g)
-        opt.step()
-        updates, state = tx.update({"w": jax.numpy.asarray(g)}, state, params)
-        params = optax.apply_updates(params, updates)
-    np.testing.assert_allclose(np.asarray(params["w"]), tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+    ours, theirs = optax_and_torch_steps(
+        tx, lambda ps, lr: torch.optim.Adam(ps, lr=lr, weight_decay=5e-4), lrs
+    )
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_optimizer_is_refused_and_recipe_default_is_sgd():

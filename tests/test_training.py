@@ -7,9 +7,13 @@ import sys
 
 import jax
 import numpy as np
-import optax
 import pytest
-from training_support import synthetic_batches, tiny_detector, tiny_train_config
+from training_support import (
+    optax_and_torch_steps,
+    synthetic_batches,
+    tiny_detector,
+    tiny_train_config,
+)
 
 from daipnet_jax.config import base_config
 from daipnet_jax.training import ConfigError, NonFiniteError, load_variables, validate_config
@@ -81,22 +85,10 @@ def test_optimizer_is_pytorch_sgd_with_weight_decay():
     c.train.weight_decay = 5e-4
     lrs = [0.1, 0.05, 0.2, 0.01]
     tx = schedule_lib.make_optimizer(c, lambda step: jax.numpy.asarray(lrs)[step])
-    rng = np.random.default_rng(0)
-    p0 = rng.normal(size=(5, 3)).astype(np.float32)
-    grads = [rng.normal(size=(5, 3)).astype(np.float32) for _ in lrs]
-
-    tp = torch.nn.Parameter(torch.tensor(p0.copy()))
-    opt = torch.optim.SGD([tp], lr=lrs[0], momentum=0.9, weight_decay=5e-4)
-    params = {"w": jax.numpy.asarray(p0)}
-    state = tx.init(params)
-    for lr, g in zip(lrs, grads, strict=True):
-        for group in opt.param_groups:
-            group["lr"] = lr
-        tp.grad = torch.tensor(g)
-        opt.step()
-        updates, state = tx.update({"w": jax.numpy.asarray(g)}, state, params)
-        params = optax.apply_updates(params, updates)
-    np.testing.assert_allclose(np.asarray(params["w"]), tp.detach().numpy(), rtol=1e-6, atol=1e-7)
+    ours, theirs = optax_and_torch_steps(
+        tx, lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=5e-4), lrs
+    )
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------ validation

@@ -153,3 +153,28 @@ def run(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     run()
+
+
+def optax_and_torch_steps(tx, make_torch_optimizer, lrs, seed: int = 0):
+    """Run `tx` (lr from a step-indexed schedule) and a torch optimiser on the same random
+    parameter [5, 3] and gradients, one step per entry of `lrs` (the torch lr set before each
+    step). Returns (optax params, torch params) as NumPy arrays."""
+    import jax
+    import optax
+    import torch
+
+    rng = np.random.default_rng(seed)
+    p0 = rng.normal(size=(5, 3)).astype(np.float32)
+    grads = [rng.normal(size=(5, 3)).astype(np.float32) for _ in lrs]
+    tp = torch.nn.Parameter(torch.tensor(p0.copy()))
+    opt = make_torch_optimizer([tp], lrs[0])
+    params = {"w": jax.numpy.asarray(p0)}
+    state = tx.init(params)
+    for lr, g in zip(lrs, grads, strict=True):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        tp.grad = torch.tensor(g)
+        opt.step()
+        updates, state = tx.update({"w": jax.numpy.asarray(g)}, state, params)
+        params = optax.apply_updates(params, updates)
+    return np.asarray(params["w"]), tp.detach().numpy()
