@@ -120,16 +120,17 @@ def _nms_rows(
     ascending prior index) above the threshold. With `skip_overflow`, rows whose k-th candidate
     is above the threshold (redone later at a larger k) get no NMS work.
     """
-    # The barrier keeps XLA from rewriting top_k + the slice `top_s[:, -1]` below into a full
-    # sort (measured on CPU: 50x slower).
-    top_s, top_i = jax.lax.optimization_barrier(jax.lax.top_k(rows, k))  # [R, k]
+    top_s, top_i = jax.lax.top_k(rows, k)  # [R, k], descending
     cand = decoded[rows_img[:, None], top_i]  # [R, k, 4]
     valid = top_s > score_threshold
     if skip_overflow:
         valid &= ~valid[:, -1:]
     keep = greedy_nms(cand, valid, nms_iou, slots)
     kept_s, kept_i = _kept_slots(keep, top_s, top_i, slots)
-    return kept_s, kept_i, top_s[:, -1]
+    # The k-th best score as a min (equal, top_s is sorted): XLA rewrites top_k followed by a
+    # slice of its last column into a full sort (50x slower on CPU), and an optimization_barrier
+    # around top_k aborts XLA's TopkDecomposer when the computation spans several devices.
+    return kept_s, kept_i, jnp.min(top_s, axis=-1)
 
 
 def _per_class_nms(

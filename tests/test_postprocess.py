@@ -237,3 +237,86 @@ def test_realistic_coco300_outputs_match_uncapped_reference():
     assert per_class.max() > 4 * postprocess.FIRST_PASS_K  # reaches the last tier
     k = base_config("daipnet300", "coco").postprocess.pre_nms_top_k
     assert _check(loc, logits, priors, pre_nms_top_k=k) == [200]
+
+
+def _compiled_detect_hlo(pre_nms_top_k: int) -> str:
+    priors = np.asarray(prior_boxes(base_config("daipnet300", "coco")))
+    fn = jax.jit(
+        lambda loc, logits: postprocess.detect(loc, logits, priors, pre_nms_top_k=pre_nms_top_k)
+    )
+    p = len(priors)
+    return (
+        fn.lower(np.zeros((2, p, 4), np.float32), np.zeros((2, p, 81), np.float32))
+        .compile()
+        .as_text()
+    )
+
+
+def test_detect_compiles_without_a_full_sort():
+    """XLA rewrites `top_k` whose last column alone is read into a sort of the whole row (50x
+    slower on CPU); `detect` must keep its top_k calls. The count of `sort(` instructions in the
+    optimised HLO is the check (a version reading `top_s[:, -1]` compiles to 4 sorts)."""
+    import re
+
+    hlo = _compiled_detect_hlo(1000)
+    assert len(re.findall(r"\bsort\(", hlo)) == 0
+    assert re.search(r"topk|TopK", hlo)
+
+
+_TWO_DEVICE_SCRIPT = r"""
+import sys
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from daipnet_jax import postprocess
+assert jax.device_count() == 2, jax.devices()
+d = np.load(sys.argv[1])
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+out = {}
+for name, spec in (("replicated", P()), ("sharded", P("data"))):
+    s = NamedSharding(mesh, spec)
+    fn = jax.jit(lambda l, g: postprocess.detect(l, g, d["priors"]), in_shardings=(s, s))
+    res = jax.device_get(fn(d["loc"], d["logits"]))
+    for i, x in enumerate(res):
+        out[f"{name}_{i}"] = np.asarray(x)
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_detect_on_two_devices_equals_one_device(tmp_path):
+    """Multi-device regression: an optimization_barrier around top_k made XLA abort (SIGABRT in
+    TopkDecomposer) as soon as detect was compiled for 2 devices. Runs in a subprocess with two
+    forced CPU devices, replicated and batch-sharded, and compares with this process's 1 device."""
+    import os
+    import subprocess
+    import sys
+
+    priors = prior_boxes(base_config("daipnet300", "coco"))
+    parts = [_synthetic(priors, 81, seed=s) for s in (1, 2)]
+    loc = np.concatenate([p[0] for p in parts])
+    logits = np.concatenate([p[1] for p in parts])
+    np.savez(tmp_path / "in.npz", loc=loc, logits=logits, priors=priors)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _TWO_DEVICE_SCRIPT,
+            str(tmp_path / "in.npz"),
+            str(tmp_path / "out.npz"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    want = jax.device_get(jax.jit(lambda l, g: postprocess.detect(l, g, priors))(loc, logits))
+    got = np.load(tmp_path / "out.npz")
+    assert np.asarray(want[3]).sum() == 400  # 200 valid detections in each image: not vacuous
+    for name in ("replicated", "sharded"):
+        # same detections; boxes and scores within float32 rounding (the sharded program
+        # fuses the decode differently: 1-ulp differences)
+        for i in (2, 3):
+            np.testing.assert_array_equal(got[f"{name}_{i}"], np.asarray(want[i]), err_msg=name)
+        for i in (0, 1):
+            np.testing.assert_allclose(got[f"{name}_{i}"], want[i], rtol=0, atol=1e-6, err_msg=name)
