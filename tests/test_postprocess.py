@@ -274,7 +274,7 @@ mesh = Mesh(np.asarray(jax.devices()), ("data",))
 out = {}
 for name, spec in (("replicated", P()), ("sharded", P("data"))):
     s = NamedSharding(mesh, spec)
-    fn = jax.jit(lambda l, g: postprocess.detect(l, g, d["priors"]), in_shardings=(s, s))
+    fn = jax.jit(lambda lo, lg: postprocess.detect(lo, lg, d["priors"]), in_shardings=(s, s))
     res = jax.device_get(fn(d["loc"], d["logits"]))
     for i, x in enumerate(res):
         out[f"{name}_{i}"] = np.asarray(x)
@@ -310,7 +310,7 @@ def test_detect_on_two_devices_equals_one_device(tmp_path):
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    want = jax.device_get(jax.jit(lambda l, g: postprocess.detect(l, g, priors))(loc, logits))
+    want = jax.device_get(jax.jit(lambda lo, lg: postprocess.detect(lo, lg, priors))(loc, logits))
     got = np.load(tmp_path / "out.npz")
     assert np.asarray(want[3]).sum() == 400  # 200 valid detections in each image: not vacuous
     for name in ("replicated", "sharded"):
