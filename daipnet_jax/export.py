@@ -129,11 +129,18 @@ def export_saved_model(
             "num_detections": tf.reduce_sum(tf.cast(valid, tf.int32), axis=1),
         }
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    # autograph=False: no Python control flow to convert, and AutoGraph cannot parse JAX's
+    # internals that `tf_predict` calls (it warns for each).
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
+        autograph=False,
+    )
     def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
         return run(images)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image")])
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image")], autograph=False
+    )
     def serve_single(image: tf.Tensor) -> dict[str, tf.Tensor]:
         return {k: v[0] for k, v in run(image[None]).items()}
 
@@ -144,7 +151,7 @@ def export_saved_model(
         "category_ids": [int(c) for c in category_ids],
     }
 
-    @tf.function(input_signature=[])
+    @tf.function(input_signature=[], autograph=False)
     def label_map() -> dict[str, tf.Tensor]:
         return {
             "labels": tf.constant(table["labels"], tf.int32),

@@ -417,6 +417,20 @@ def test_evaluate_cli_end_to_end(tiny):
         ev.summarize()
     names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
     np.testing.assert_allclose([metrics[k] for k in names], ev.stats, atol=1e-12)
+    # The charts beside metrics.json and the per-class AP in TensorBoard, pycocotools' values.
+    import tensorflow as tf
+
+    assert (out / "eval" / "per_class_ap.png").exists()
+    assert (out / "eval" / "pr_curves.png").exists()
+    tags = {}
+    for f in os.listdir(out):
+        if f.startswith("events.out.tfevents"):
+            for e in tf.compat.v1.train.summary_iterator(str(out / f)):
+                for v in e.summary.value:
+                    tags[v.tag] = float(tf.make_ndarray(v.tensor))
+    for k, name in enumerate(["rectangle", "ellipse", "triangle"]):
+        p = ev.eval["precision"][:, :, k, 0, -1]
+        assert tags[f"eval/per_class/{name}"] == pytest.approx(float(np.mean(p[p > -1])), abs=1e-6)
 
     # A mismatched checkpoint (other width) and a missing one: clear errors, exit code 2.
     flags = [f.replace("width=0.125", "width=0.25") for f in tiny["flags"]]
@@ -505,11 +519,10 @@ def test_predict_cli_writes_pngs_and_json(tiny):
 def test_saved_model_matches_jax(tiny, tmp_path):
     import tensorflow as tf
 
+    from daipnet_jax import data
     from daipnet_jax.evaluation.loop import make_predict_fn
     from daipnet_jax.export import export_saved_model
     from daipnet_jax.predict import resize_images
-
-    from daipnet_jax import data
 
     config, model, variables = tiny["config"], tiny["model"], tiny["variables"]
     data.label_map(config)  # writes the generated dataset, whose categories are checked below
