@@ -244,8 +244,9 @@ def draw_boxes(
     e.g. ground truth) drawn on a copy of `image` [H, W, 3] uint8; the `max_boxes` best.
 
     Tags: the class colour behind black or white text (the higher contrast), at least 12 px
-    high, above the box (inside it at the image's top edge), shifted to stay inside the image,
-    drawn after every outline so no line crosses a tag; the best box's tag on top."""
+    high, kept inside the image, drawn after every outline so no line crosses a tag; above the
+    box, or where it overlaps no better box's tag (inside the top, below, inside the bottom);
+    the best box's tag on top when all spots are taken."""
     im = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
     draw = ImageDraw.Draw(im)
     colours = palette(len(class_names))
@@ -268,16 +269,30 @@ def draw_boxes(
     for i in order:
         x0, y0, x1, y1 = (float(v) for v in boxes[i])
         draw.rectangle([x0, y0, x1, y1], outline=colour(int(labels[i])), width=line)
-    for i in order:
+    # Tags placed best first, each at the first free spot of: above the box, inside its top,
+    # below it, inside its bottom (the first one if none is free); drawn worst first.
+    placed: list[tuple[int, str, float, float, float, float, Any]] = []
+    for i in order[::-1]:
         lab = int(labels[i])
-        x0, y0 = float(boxes[i][0]), float(boxes[i][1])
+        x0, y0, _, y1 = (float(v) for v in boxes[i])
         name = class_names[lab - 1] if 0 < lab <= len(class_names) else str(lab)
         text = name if scores is None else f"{name} {scores[i]:.2f}"
         tb = draw.textbbox((0, 0), text, font=font)
         tw, th = tb[2] - tb[0] + 4, tb[3] - tb[1] + 4
         tx = min(max(x0, 0.0), max(w - tw, 0))
-        ty = y0 - th if y0 - th >= 0 else max(y0, 0.0)
-        ty = min(ty, max(h - th, 0))
+        spots = [min(max(y, 0.0), max(h - th, 0)) for y in (y0 - th, y0, y1, y1 - th)]
+        if y0 - th < 0:
+            spots = spots[1:]
+
+        def free(ty: float, tx: float = tx, tw: float = tw, th: float = th) -> bool:
+            return all(
+                tx + tw <= px or px + pw <= tx or ty + th <= py or py + ph <= ty
+                for _, _, px, py, pw, ph, _ in placed
+            )
+
+        ty = next((y for y in spots if free(y)), spots[0])
+        placed.append((lab, text, tx, ty, tw, th, tb))
+    for lab, text, tx, ty, tw, th, tb in placed[::-1]:
         col = colour(lab)
         draw.rectangle([tx, ty, tx + tw - 1, ty + th - 1], fill=col)
         draw.text((tx + 2 - tb[0], ty + 2 - tb[1]), text, fill=_text_colour(col), font=font)

@@ -25,8 +25,8 @@ def _cli(args, cwd, timeout=600):
 
 
 def _box_band(shape, px_boxes, margin, tag_height=0, tag_width=0):
-    """Mask of the pixels within `margin` of any box, plus a tag's room around its top-left
-    corner (`tag_height` above and below, `tag_width` left and right)."""
+    """Mask of the pixels within `margin` of any box, plus a tag's room around its left
+    corners (`tag_height` above and below, `tag_width` left and right)."""
     h, w = shape[:2]
     band = np.zeros((h, w), bool)
     for x0, y0, x1, y1 in px_boxes:
@@ -34,10 +34,11 @@ def _box_band(shape, px_boxes, margin, tag_height=0, tag_width=0):
             max(int(y0) - margin, 0) : int(np.ceil(y1)) + margin + 1,
             max(int(x0) - margin, 0) : int(np.ceil(x1)) + margin + 1,
         ] = True
-        band[
-            max(int(y0) - tag_height, 0) : int(y0) + tag_height + 1,
-            max(int(x0) - tag_width, 0) : int(x0) + tag_width + 1,
-        ] = True
+        for y in (y0, y1):  # tags sit above / inside the top, or below / inside the bottom
+            band[
+                max(int(y) - tag_height, 0) : int(y) + tag_height + 1,
+                max(int(x0) - tag_width, 0) : int(x0) + tag_width + 1,
+            ] = True
     return band
 
 

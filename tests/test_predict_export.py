@@ -230,6 +230,15 @@ def test_legend_readable_on_small_images():
         far = region[np.argmax(np.abs(region - col).sum(axis=1))]  # the text's core colour
         assert tuple(far) in ((0, 0, 0), (255, 255, 255)), far
         assert _contrast(far, col) >= 4.5
+    # Two boxes whose tags would overlap above them: the lesser tag moves to a free spot,
+    # so both are whole (at least 12 rows with 14+ pixels of each class colour; a tag hidden
+    # behind the other would leave a 10-pixel sliver).
+    img = np.full((120, 160, 3), 128, np.uint8)
+    near = np.array([[10.0, 30.0, 80.0, 90.0], [20.0, 33.0, 90.0, 95.0]])
+    out = np.asarray(draw_boxes(img, near, np.array([1, 2]), ["a", "b"], [0.9, 0.5]))
+    for label in (1, 2):
+        rows = np.all(out == palette(2)[label], axis=-1).sum(axis=1)
+        assert (rows >= 14).sum() >= 12, label
     # Best first: with a cap of 1 only the best box is drawn.
     img = np.full((100, 100, 3), 128, np.uint8)
     two = np.array([[10.0, 30.0, 40.0, 60.0], [60.0, 30.0, 90.0, 60.0]])
