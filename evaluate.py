@@ -11,7 +11,8 @@ given, else `CHECKPOINT/eval/`.
 
 Outputs: `eval/metrics.json` (+ `metrics_<step>.json`), the COCO results file
 (`detections_<split>_<name>_results.json`; for test-dev, the server format and nothing else),
-TensorBoard scalars `eval/*`.
+`eval/per_class_ap.png` (a bar per class) and `eval/pr_curves.png` (precision-recall per class
+at IoU 0.5), TensorBoard scalars `eval/*` and `eval/per_class/<class name>`.
 """
 
 from __future__ import annotations

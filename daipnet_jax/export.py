@@ -1,15 +1,25 @@
-"""Export a detector as a TensorFlow SavedModel through `jax2tf` (issue 7, item 3).
+"""Export a detector as a TensorFlow SavedModel through `jax2tf`.
 
     python -m daipnet_jax.export --config configs/coco.py:daipnet300 \\
         --checkpoint WORKDIR_OR_CONVERTED_DIR [--step N] --out DIR [--config.key=value ...]
 
-The SavedModel has two signatures:
-- `serving_default(images: uint8 [B, H, W, 3])` (any B, H, W) and
-- `serve_single(image: uint8 [H, W, 3])`,
-both returning the fixed-size detections of `postprocess.detect` (SPEC §6): `boxes [B, D, 4]`
-normalised corners (xmin, ymin, xmax, ymax) of the input image, `scores [B, D]`,
-`classes [B, D]` int32 in 1..K, `valid [B, D]` bool, `num_detections [B]` int32; D =
-`postprocess.max_detections`. Multiply boxes by (W, H, W, H) for pixels.
+The SavedModel has three signatures:
+- `serving_default(images: uint8 [B, H, W, 3])` (any B, H, W) returns the fixed-size
+  detections of `postprocess.detect`: `boxes [B, D, 4]` normalised corners (xmin,
+  ymin, xmax, ymax) of the input image, `scores [B, D]`, `classes [B, D]` int32 in 1..K,
+  `valid [B, D]` bool, `num_detections [B]` int32; D = `postprocess.max_detections`. Multiply
+  boxes by (W, H, W, H) for pixels.
+- `serve_single(image: uint8 [H, W, 3])`: the same for one image, unbatched: `boxes [D, 4]`,
+  `scores [D]`, `classes [D]`, `valid [D]`, `num_detections []`.
+- `label_map()`: `labels [K]` int32 (1..K), `class_names [K]` string, `category_ids [K]` int32
+  (the dataset's category id of each label, e.g. COCO's 1..90), so `classes` can be named
+  without the training config:
+
+      m = tf.saved_model.load(DIR)
+      names = m.signatures["label_map"]()["class_names"].numpy()   # names[c - 1] for class c
+
+  The same table is written as `DIR/assets/label_map.json`
+  ({"labels": [...], "class_names": [...], "category_ids": [...]}) for non-TF readers.
 
 Inside: uint8 → float32 → `tf.image.resize` to S×S (bilinear, half-pixel, no antialias; the
 same `predict.resize_images` the predict command uses), then the jax2tf-converted network +
@@ -23,11 +33,16 @@ full-size model.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+LABEL_MAP_FILE = "label_map.json"
 
 
 @contextlib.contextmanager
@@ -65,7 +80,7 @@ def export_saved_model(
     from jax.experimental import jax2tf
 
     from daipnet_jax.evaluation.loop import make_predict_fn
-    from daipnet_jax.predict import resize_images
+    from daipnet_jax.predict import label_map_for, resize_images
 
     if model is None:
         from daipnet_jax import models
@@ -114,23 +129,55 @@ def export_saved_model(
             "num_detections": tf.reduce_sum(tf.cast(valid, tf.int32), axis=1),
         }
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    # autograph=False: no Python control flow to convert, and AutoGraph cannot parse JAX's
+    # internals that `tf_predict` calls (it warns for each).
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
+        autograph=False,
+    )
     def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
         return run(images)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image")])
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image")], autograph=False
+    )
     def serve_single(image: tf.Tensor) -> dict[str, tf.Tensor]:
-        return run(image[None])
+        return {k: v[0] for k, v in run(image[None]).items()}
+
+    category_ids, class_names = label_map_for(config)
+    table = {
+        "labels": list(range(1, len(class_names) + 1)),
+        "class_names": list(class_names),
+        "category_ids": [int(c) for c in category_ids],
+    }
+
+    @tf.function(input_signature=[], autograph=False)
+    def label_map() -> dict[str, tf.Tensor]:
+        return {
+            "labels": tf.constant(table["labels"], tf.int32),
+            "class_names": tf.constant(table["class_names"], tf.string),
+            "category_ids": tf.constant(table["category_ids"], tf.int32),
+        }
 
     module.serve = serve
     module.serve_single = serve_single
-    with stablehlo_target():
-        tf.saved_model.save(
-            module,
-            out_dir,
-            signatures={"serving_default": serve, "serve_single": serve_single},
-            options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
-        )
+    module.label_map = label_map
+    with tempfile.TemporaryDirectory() as tmp:
+        table_file = os.path.join(tmp, LABEL_MAP_FILE)
+        with open(table_file, "w") as f:
+            json.dump(table, f, indent=1)
+        module.label_map_file = tf.saved_model.Asset(table_file)  # copied into DIR/assets/
+        with stablehlo_target():
+            tf.saved_model.save(
+                module,
+                out_dir,
+                signatures={
+                    "serving_default": serve,
+                    "serve_single": serve_single,
+                    "label_map": label_map,
+                },
+                options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
+            )
     return out_dir
 
 
@@ -156,7 +203,7 @@ def main(argv: Sequence[str]) -> None:
         )
     variables = restore_variables(config, FLAGS.checkpoint, FLAGS.step)
     path = export_saved_model(config, variables, FLAGS.out, batch_size=FLAGS.batch_size)
-    print(f"SavedModel written to {path} (signatures: serving_default, serve_single)")
+    print(f"SavedModel written to {path} (signatures: serving_default, serve_single, label_map)")
 
 
 def run(argv: Sequence[str] | None = None) -> None:

@@ -21,9 +21,12 @@ from daipnet_jax.evaluation.loop import CheckpointError, check_variables, load_c
 from daipnet_jax.predict import (
     InputError,
     collect_images,
-    draw_detections,
+    draw_boxes,
     load_image,
+    output_names,
     palette,
+    parse_class_filter,
+    select_detections,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,11 +179,11 @@ def test_collect_and_load_errors(tmp_path):
     assert load_image(good / "b.png").shape == (6, 8, 3)
 
 
-def test_draw_detections_marks_box_outline():
+def test_draw_boxes_marks_box_outline():
     img = np.full((120, 160, 3), 128, np.uint8)
     names = ["a", "b", "c"]
     box = np.array([[40.0, 50.0, 120.0, 110.0]])
-    out = np.asarray(draw_detections(img, box, np.array([0.9]), np.array([2]), names))
+    out = np.asarray(draw_boxes(img, box, np.array([2]), names, np.array([0.9])))
     col = palette(3)[2]
     assert out.shape == img.shape
     # Outline pixels: left edge at x = 40 (rows below the label tag), bottom edge at y = 110.
@@ -196,13 +199,118 @@ def test_draw_detections_marks_box_outline():
     assert len(set(palette(80)[1:])) == 80
 
 
+def _contrast(a, b):
+    """WCAG 2 contrast ratio of two sRGB colours."""
+
+    def lum(c):
+        c = np.asarray(c, np.float64) / 255.0
+        c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    hi, lo = sorted([lum(a), lum(b)], reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_legend_readable_on_small_images():
+    """Tags on a 64×64 image: inside the image even for a box at its right or top edge, at
+    least 12 px high, text in black or white with WCAG contrast ≥ 4.5 against the tag."""
+    names = [f"class{k}" for k in range(1, 81)]
+    for label in (1, 2, 3, 5, 8, 13, 21, 34, 55, 80):
+        img = np.full((64, 64, 3), 128, np.uint8)
+        out = np.asarray(
+            draw_boxes(img, np.array([[50.0, 2.0, 63.0, 30.0]]), np.array([label]), names, [0.5])
+        )
+        col = np.array(palette(80)[label])
+        tag = np.all(out == col, axis=-1)
+        rows = np.nonzero(tag[:, :49].any(axis=1))[0]  # tag pixels left of the box
+        assert rows.size and rows.max() - rows.min() + 1 >= 12
+        cols = np.nonzero(tag.any(axis=0))[0]
+        assert cols.min() < 40  # shifted left so "class80 0.50" fits
+        region = out[rows.min() : rows.max() + 1, : cols.max() + 1].reshape(-1, 3).astype(int)
+        far = region[np.argmax(np.abs(region - col).sum(axis=1))]  # the text's core colour
+        assert tuple(far) in ((0, 0, 0), (255, 255, 255)), far
+        assert _contrast(far, col) >= 4.5
+    # Two boxes whose tags would overlap above them: the lesser tag moves to a free spot,
+    # so both are whole (at least 12 rows with 14+ pixels of each class colour; a tag hidden
+    # behind the other would leave a 10-pixel sliver).
+    img = np.full((120, 160, 3), 128, np.uint8)
+    near = np.array([[10.0, 30.0, 80.0, 90.0], [20.0, 33.0, 90.0, 95.0]])
+    out = np.asarray(draw_boxes(img, near, np.array([1, 2]), ["a", "b"], [0.9, 0.5]))
+    for label in (1, 2):
+        rows = np.all(out == palette(2)[label], axis=-1).sum(axis=1)
+        assert (rows >= 14).sum() >= 12, label
+    # Best first: with a cap of 1 only the best box is drawn.
+    img = np.full((100, 100, 3), 128, np.uint8)
+    two = np.array([[10.0, 30.0, 40.0, 60.0], [60.0, 30.0, 90.0, 60.0]])
+    out = np.asarray(draw_boxes(img, two, np.array([1, 2]), ["a", "b"], [0.3, 0.9], max_boxes=1))
+    np.testing.assert_array_equal(out[45, 10], [128, 128, 128])  # the 0.3 box: not drawn
+    np.testing.assert_array_equal(out[45, 60], palette(2)[2])
+
+
+def test_select_and_filter_detections():
+    scores = np.array([0.2, 0.9, 0.5, 0.7, 0.95, 0.1])
+    classes = np.array([1, 2, 3, 2, 1, 3])
+    valid = np.array([True, True, True, True, False, True])
+    np.testing.assert_array_equal(select_detections(scores, classes, valid), [1, 3, 2, 0, 5])
+    np.testing.assert_array_equal(
+        select_detections(scores, classes, valid, score_threshold=0.3, max_boxes=2), [1, 3]
+    )
+    np.testing.assert_array_equal(
+        select_detections(scores, classes, valid, classes_kept={1, 3}), [2, 0, 5]
+    )
+    names = ["cat", "dog", "traffic light"]
+    assert parse_class_filter("", names) is None
+    assert parse_class_filter("traffic light, cat", names) == {1, 3}
+    with pytest.raises(
+        InputError, match=r"unknown class 'cow'.*valid names: cat, dog, traffic light"
+    ):
+        parse_class_filter("cat,cow", names)
+
+
+def test_collect_recursive_dedup_and_output_names(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    for rel in ("x.jpg", "x.png", "y.jpg", "sub/x.jpg", "sub/deeper/z.jpg", "../other/x.jpg"):
+        Image.new("RGB", (4, 4)).save(root / rel)
+    (root / "link.jpg").symlink_to(root / "y.jpg")
+    flat = collect_images([str(root)])
+    assert [p.name for p in flat] == ["link.jpg", "x.jpg", "x.png"]  # y.jpg: its link came first
+    rec = collect_images(
+        [str(root / "y.jpg"), str(root), str(root / "sub"), str(tmp_path / "other" / "x.jpg")],
+        recursive=True,
+    )
+    rel = [os.path.relpath(p.resolve(), tmp_path) for p in rec]
+    assert rel == [
+        "imgs/y.jpg",
+        "imgs/sub/deeper/z.jpg",
+        "imgs/sub/x.jpg",
+        "imgs/x.jpg",
+        "imgs/x.png",
+        "other/x.jpg",
+    ]
+    names = output_names(rec)
+    assert names == ["y", "z", "sub_x_jpg", "imgs_x_jpg", "imgs_x_png", "other_x_jpg"]
+    assert output_names([root / "x.jpg", root / "x.png"]) == ["x_jpg", "x_png"]
+    assert output_names([root / "x.jpg", root / "sub" / "x.jpg"]) == ["imgs_x", "sub_x"]
+    with pytest.raises(InputError, match="or its sub-folders contains no images"):
+        (tmp_path / "none" / "deep").mkdir(parents=True)
+        collect_images([str(tmp_path / "none")], recursive=True)
+
+
 def test_predict_cli_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG garbage")
-    for arg, msg in (
-        (str(tmp_path / "empty"), "contains no images"),
-        (str(bad), "cannot read image"),
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8)).save(good)
+    for args, msg in (
+        ([str(tmp_path / "empty")], "contains no images"),
+        ([str(bad)], "cannot read image"),
+        (
+            [str(good), "--classes=ellipse,elipse"],
+            "unknown class 'elipse'; valid names: rectangle, ellipse, triangle",
+        ),
     ):
         proc = subprocess.run(
             [
@@ -210,10 +318,11 @@ def test_predict_cli_errors(tmp_path):
                 "-m",
                 "daipnet_jax.predict",
                 "--config=configs/generated.py",
+                f"--config.data.data_dir={tmp_path / 'no_data'}",
                 "--checkpoint",
                 str(tmp_path),
                 f"--out={tmp_path}/o",
-                arg,
+                *args,
             ],
             cwd=REPO,
             capture_output=True,
@@ -221,7 +330,7 @@ def test_predict_cli_errors(tmp_path):
             timeout=300,
         )
         assert proc.returncode == 2, proc.stderr[-2000:]
-        assert msg in proc.stderr
+        assert msg in proc.stderr.strip().splitlines()[-1]
     # The export command: a missing checkpoint is named in a one-line error.
     proc = subprocess.run(
         [
@@ -317,6 +426,20 @@ def test_evaluate_cli_end_to_end(tiny):
         ev.summarize()
     names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
     np.testing.assert_allclose([metrics[k] for k in names], ev.stats, atol=1e-12)
+    # The charts beside metrics.json and the per-class AP in TensorBoard, pycocotools' values.
+    import tensorflow as tf
+
+    assert (out / "eval" / "per_class_ap.png").exists()
+    assert (out / "eval" / "pr_curves.png").exists()
+    tags = {}
+    for f in os.listdir(out):
+        if f.startswith("events.out.tfevents"):
+            for e in tf.compat.v1.train.summary_iterator(str(out / f)):
+                for v in e.summary.value:
+                    tags[v.tag] = float(tf.make_ndarray(v.tensor))
+    for k, name in enumerate(["rectangle", "ellipse", "triangle"]):
+        p = ev.eval["precision"][:, :, k, 0, -1]
+        assert tags[f"eval/per_class/{name}"] == pytest.approx(float(np.mean(p[p > -1])), abs=1e-6)
 
     # A mismatched checkpoint (other width) and a missing one: clear errors, exit code 2.
     flags = [f.replace("width=0.125", "width=0.25") for f in tiny["flags"]]
@@ -349,48 +472,69 @@ def test_evaluate_cli_end_to_end(tiny):
 @pytest.mark.slow
 def test_predict_cli_writes_pngs_and_json(tiny):
     imgs = tiny["root"] / "inputs"
-    imgs.mkdir()
+    (imgs / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    sizes = [(90, 140), (200, 120), (64, 64)]
-    for n, (h, w) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(imgs / f"im{n}.jpg")
+    sizes = {"im0.jpg": (90, 140), "im1.jpg": (200, 120), "im2.jpg": (64, 64)}
+    sizes["sub/im0.jpg"] = (70, 100)  # the same name in a sub-folder
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(imgs / name)
+    (imgs / "sub" / "again.jpg").symlink_to(imgs / "im1.jpg")  # seen already: skipped
     out = tiny["root"] / "pred"
     # Random weights: every (prior, class) scores ~1/4, so threshold 0 keeps detections.
-    proc = _run(
-        [
-            "-m",
-            "daipnet_jax.predict",
-            *tiny["flags"],
-            f"--checkpoint={tiny['ckpt']}",
-            f"--out={out}",
-            "--score_threshold=0.0",
-            str(imgs),
-        ]
-    )
+    common = [
+        "-m",
+        "daipnet_jax.predict",
+        *tiny["flags"],
+        f"--checkpoint={tiny['ckpt']}",
+        "--score_threshold=0.0",
+    ]
+    proc = _run([*common, f"--out={out}", str(imgs / "im2.jpg"), str(imgs), "--recursive"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for n, (h, w) in enumerate(sizes):
-        rec = json.loads((out / f"im{n}.json").read_text())
-        assert (rec["height"], rec["width"]) == (h, w)
+    assert "4 images" in proc.stdout
+    stems = {"im2.jpg": "im2", "im0.jpg": "inputs_im0", "im1.jpg": "im1", "sub/im0.jpg": "sub_im0"}
+    assert sorted(os.listdir(out)) == sorted(
+        f"{v}.{e}" for v in stems.values() for e in ("json", "png")
+    )
+    full = {}
+    for name, (h, w) in sizes.items():
+        rec = json.loads((out / f"{stems[name]}.json").read_text())
+        assert rec["image"].endswith(name) and (rec["height"], rec["width"]) == (h, w)
         assert 0 < len(rec["detections"]) <= tiny["config"].postprocess.max_detections
         d = rec["detections"][0]
         assert d["class_name"] == ["rectangle", "ellipse", "triangle"][d["label"] - 1]
         x0, y0, x1, y1 = d["bbox"]
         assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h
-        png = np.asarray(Image.open(out / f"im{n}.png").convert("RGB"))
-        orig = np.asarray(Image.open(imgs / f"im{n}.jpg").convert("RGB"))
+        png = np.asarray(Image.open(out / f"{stems[name]}.png").convert("RGB"))
+        orig = np.asarray(Image.open(imgs / name).convert("RGB"))
         assert png.shape == orig.shape
         assert np.mean(np.any(png != orig, axis=-1)) > 0.01  # boxes drawn
+        full[name] = rec["detections"]
+
+    # --classes and --max_boxes: the best 3 of the two classes, best first, nothing else.
+    out2 = tiny["root"] / "pred_filtered"
+    proc = _run(
+        [*common, f"--out={out2}", "--classes=ellipse,triangle", "--max_boxes=3", str(imgs)]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("im0.jpg", "im1.jpg", "im2.jpg"):
+        got = json.loads((out2 / f"{name[:-4]}.json").read_text())["detections"]
+        want = [d for d in full[name] if d["class_name"] in ("ellipse", "triangle")]
+        want = sorted(want, key=lambda d: -d["score"])[:3]
+        assert len(got) == 3
+        assert [(d["label"], d["score"]) for d in got] == [(d["label"], d["score"]) for d in want]
 
 
 @pytest.mark.slow
 def test_saved_model_matches_jax(tiny, tmp_path):
     import tensorflow as tf
 
+    from daipnet_jax import data
     from daipnet_jax.evaluation.loop import make_predict_fn
     from daipnet_jax.export import export_saved_model
     from daipnet_jax.predict import resize_images
 
     config, model, variables = tiny["config"], tiny["model"], tiny["variables"]
+    data.label_map(config)  # writes the generated dataset, whose categories are checked below
     # Random He-initialised loc heads give offsets in the hundreds; exp-decoding then turns the
     # ~1e-6 relative difference between TF's and JAX's float32 convolutions into ~1e-3 in box
     # coordinates. Scale them down so boxes are O(1), as in a trained model.
@@ -417,5 +561,22 @@ def test_saved_model_matches_jax(tiny, tmp_path):
     single = rng.integers(0, 256, (77, 301, 3), dtype=np.uint8)
     o1 = loaded.signatures["serve_single"](image=tf.constant(single))
     r1 = jax.jit(make_predict_fn(config, model))(variables, np.asarray(resize_images(single, 300)))
-    np.testing.assert_allclose(o1["scores"].numpy(), np.asarray(r1[1]), atol=1e-5)
-    np.testing.assert_array_equal(o1["classes"].numpy(), np.asarray(r1[2]))
+    d = config.postprocess.max_detections
+    assert o1["boxes"].shape == (d, 4) and o1["num_detections"].shape == ()
+    for key in ("scores", "classes", "valid"):
+        assert o1[key].shape == (d,), key
+    np.testing.assert_allclose(o1["scores"].numpy(), np.asarray(r1[1])[0], atol=1e-5)
+    np.testing.assert_array_equal(o1["classes"].numpy(), np.asarray(r1[2])[0])
+    assert int(o1["num_detections"]) == int(np.asarray(r1[3])[0].sum())
+    # The label map travels with the model: a signature and an asset file.
+    with open(os.path.join(config.data.data_dir, "instances_val.json")) as f:
+        cats = sorted(json.load(f)["categories"], key=lambda c: c["id"])
+    assert len(cats) == 3
+    table = loaded.signatures["label_map"]()
+    assert [n.decode() for n in table["class_names"].numpy()] == [c["name"] for c in cats]
+    assert table["category_ids"].numpy().tolist() == [c["id"] for c in cats]
+    assert table["labels"].numpy().tolist() == [1, 2, 3]
+    with open(os.path.join(path, "assets", "label_map.json")) as f:
+        asset = json.load(f)
+    assert asset["class_names"] == [c["name"] for c in cats]
+    assert asset["category_ids"] == [c["id"] for c in cats]

@@ -164,6 +164,8 @@ class CocoEvaluator:
         self.results: list[dict[str, Any]] = []
         self.image_ids: set[int] = set()
         self.summary_text = ""
+        self._per_class: dict[str, dict[str, float]] = {}
+        self._pr_curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def test_dev(self) -> bool:
@@ -230,6 +232,10 @@ class CocoEvaluator:
         if not self.results:
             metrics: dict[str, Any] = dict.fromkeys(COCO_METRIC_NAMES, 0.0)
             metrics["per_class"] = {n: {"AP": 0.0, "AP50": 0.0} for n in self.class_names}
+            # No detections: precision 0 at every recall point, as pycocotools would report.
+            recall = np.linspace(0.0, 1.0, 101)
+            self._per_class = metrics["per_class"]
+            self._pr_curves = {n: (recall, np.zeros_like(recall)) for n in self.class_names}
             return metrics
         from pycocotools.cocoeval import COCOeval
 
@@ -244,7 +250,22 @@ class CocoEvaluator:
         self.summary_text = buf.getvalue()
         metrics = {n: float(v) for n, v in zip(COCO_METRIC_NAMES, ev.stats, strict=True)}
         metrics["per_class"] = per_class_ap(ev, self.label_to_category, self.class_names)
+        self._per_class = metrics["per_class"]
+        self._pr_curves = pr_curves(ev, self.label_to_category, self.class_names)
         return metrics
+
+    def chart_data(self) -> dict[str, Any]:
+        """What `evaluation.charts` draws, after `evaluate`: per-class AP (IoU .50:.95; None
+        where pycocotools has no ground truth for the class) and the precision-recall curves
+        at IoU 0.5 (`pr_curves`)."""
+        return {
+            "metric": "AP (IoU .50:.95)",
+            "per_class_ap": {
+                n: (None if r["AP"] < 0 else float(r["AP"])) for n, r in self._per_class.items()
+            },
+            "pr_title": "precision-recall at IoU 0.5 (COCO, 101 recall points)",
+            "pr_curves": dict(self._pr_curves),
+        }
 
 
 def per_class_ap(
@@ -269,6 +290,29 @@ def per_class_ap(
             "AP": float(np.mean(p[p > -1])) if np.any(p > -1) else -1.0,
             "AP50": float(np.mean(p50[p50 > -1])) if np.any(p50 > -1) else -1.0,
         }
+    return out
+
+
+def pr_curves(
+    ev: Any, label_to_category: np.ndarray, class_names: Sequence[str], iou: float = 0.5
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per class: (recall [R], precision [R]) at IoU `iou`, area 'all', maxDets 100, from
+    `ev.eval['precision']` [T, R, K, A, M] at the recall thresholds `ev.params.recThrs`
+    (precision 0 past the highest recall reached). Classes without ground truth (-1) are left
+    out."""
+    precision = ev.eval["precision"]
+    cat_ids = list(ev.params.catIds)
+    t = int(np.argmin(np.abs(np.asarray(ev.params.iouThrs) - iou)))
+    recall = np.asarray(ev.params.recThrs, np.float64)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for k, name in enumerate(class_names):
+        cat = int(label_to_category[k + 1])
+        if cat not in cat_ids:
+            continue
+        p = np.asarray(precision[t, :, cat_ids.index(cat), 0, -1], np.float64)
+        if np.all(p < 0):
+            continue
+        out[name] = (recall, np.maximum(p, 0.0))
     return out
 
 

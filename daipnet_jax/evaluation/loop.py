@@ -275,6 +275,10 @@ def write_metrics(
     writer.write_scalars(
         int(step or 0), {f"eval/{k}": v for k, v in scalar_metrics(metrics).items()}
     )
+    if evaluator is not None and hasattr(evaluator, "chart_data"):
+        from daipnet_jax.evaluation import charts
+
+        charts.write_charts(evaluator.chart_data(), eval_dir, writer, int(step or 0))
     writer.flush()
     if own_writer:
         writer.close()

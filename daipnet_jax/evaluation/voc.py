@@ -181,8 +181,9 @@ class VocEvaluator:
             keep = valid[b].astype(bool)
             self.add_image(int(image_ids[b]), boxes[b][keep], scores[b][keep], classes[b][keep])
 
-    def class_ap(self, label: int) -> tuple[float, float]:
-        """(VOC07 11-point AP, area AP) of class `label` (NaN, NaN without non-difficult truth)."""
+    def pr_curve(self, label: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(recall [N], precision [N]) of class `label` over its N detections by descending
+        score (None without non-difficult ground truth)."""
         gt = self._gt.get(label, {})
         npos = int(sum(int(np.sum(~d)) for _, d in gt.values()))
         dets = self._dets.get(label, [])
@@ -209,13 +210,39 @@ class VocEvaluator:
             else:
                 fp[n] = 1
         if npos == 0:
-            return float("nan"), float("nan")
+            return None
         ctp, cfp = np.cumsum(tp), np.cumsum(fp)
         recall = ctp / npos
         precision = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
+        return recall, precision
+
+    def class_ap(self, label: int) -> tuple[float, float]:
+        """(VOC07 11-point AP, area AP) of class `label` (NaN, NaN without non-difficult truth)."""
+        curve = self.pr_curve(label)
+        if curve is None:
+            return float("nan"), float("nan")
+        recall, precision = curve
         # Ignored detections leave (tp, fp) unchanged: they add a repeated point to the curve,
         # which changes neither AP definition.
         return voc_ap(recall, precision, True), voc_ap(recall, precision, False)
+
+    def chart_data(self) -> dict[str, Any]:
+        """What `evaluation.charts` draws: per-class VOC07 AP (None without non-difficult
+        ground truth) and each class's precision-recall curve at the IoU threshold (one point
+        per detection, by descending score)."""
+        per_class: dict[str, float | None] = {}
+        curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for k, name in enumerate(self.class_names, start=1):
+            curve = self.pr_curve(k)
+            per_class[name] = None if curve is None else voc_ap(*curve, use_07_metric=True)
+            if curve is not None:
+                curves[name] = curve
+        return {
+            "metric": "AP (VOC07 11-point)",
+            "per_class_ap": per_class,
+            "pr_title": f"precision-recall at IoU {self.iou_threshold:g} (VOC)",
+            "pr_curves": curves,
+        }
 
     def evaluate(self) -> dict[str, Any]:
         """{'mAP_voc07', 'mAP_area', 'per_class': {name: {'AP_voc07', 'AP_area'}}}."""

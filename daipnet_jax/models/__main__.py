@@ -1,33 +1,26 @@
-"""Model summary: `python -m daipnet_jax.models --config configs/coco.py:daipnet300 [--batch 1]`.
+"""Model summary:
+
+    python -m daipnet_jax.models --config configs/coco.py:daipnet300 [--batch 1] [--noflops] \
+        [--config.key=value ...]
 
 Prints the parameters per top-level component and in total, the BatchNorm statistics count, the
 output shapes, the number of priors and the forward GFLOPs of one batch from XLA's cost analysis
 (`jax.jit(apply).lower(...).compile().cost_analysis()`). Parameters are counted with
-`jax.eval_shape` (nothing is initialised); `--no-flops` skips the compilation.
+`jax.eval_shape` (nothing is initialised); `--noflops` skips the compilation. The config and its
+`--config.key=value` overrides are read as by `train.py` (ml_collections config flags).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import math
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from daipnet_jax.models import build, model_spec
-
-
-def load_config(spec: str) -> Any:
-    """`path/to/file.py[:arg]` → the file's `get_config(arg)`."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_daipnet_config", path)
-    if module_spec is None or module_spec.loader is None:
-        raise FileNotFoundError(path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 def count(tree: Any) -> int:
@@ -45,18 +38,12 @@ def forward_flops(model: Any, variables: Any, images: Any) -> float:
     return float(cost.get("flops", float("nan")))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="e.g. configs/coco.py:daipnet300")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--no-flops", action="store_true")
-    args = parser.parse_args(argv)
-
-    config = load_config(args.config)
+def summary(config: Any, batch: int = 1, flops: bool = True) -> None:
+    """Prints the summary of `config`'s model (see the module docstring)."""
     spec = model_spec(config)
     model = build(config)
     size = spec.image_size
-    images = jax.ShapeDtypeStruct((args.batch, size, size, 3), jnp.float32)
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
     loc, logits = jax.eval_shape(lambda v, x: model.apply(v, x), variables, images)
 
@@ -74,11 +61,33 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"priors: {spec.num_priors} (feature maps {list(spec.feature_maps)}, k {list(spec.anchors)})"
     )
-    if not args.no_flops:
+    if flops:
         concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
-        flops = forward_flops(model, concrete, jnp.zeros(images.shape, images.dtype))
-        print(f"forward GFLOPs (batch {args.batch}, XLA cost analysis): {flops / 1e9:.2f}")
+        gflops = forward_flops(model, concrete, jnp.zeros(images.shape, images.dtype)) / 1e9
+        print(f"forward GFLOPs (batch {batch}, XLA cost analysis): {gflops:.2f}")
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "config file (file.py:arg)", lock_config=False)
+    flags.DEFINE_integer("batch", 1, "batch size of the shapes and the FLOP count")
+    flags.DEFINE_boolean("flops", True, "compile once for XLA's FLOP count (--noflops: skip)")
+    flags.mark_flags_as_required(["config"])
+
+    def _main(args: Sequence[str]) -> None:
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
+        FLAGS = flags.FLAGS
+        try:
+            summary(FLAGS.config, FLAGS.batch, FLAGS.flops)
+        except (ValueError, KeyError) as e:
+            print(f"config error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(_main, argv=list(argv) if argv is not None else None)
 
 
 if __name__ == "__main__":
-    main()
+    run()
