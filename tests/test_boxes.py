@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from daipnet_jax import boxes
-from daipnet_jax.config import base_config
+from daipnet_jax.config import base_config, num_priors
 
 
 # ---------------------------------------------------------------- priors
@@ -27,7 +27,7 @@ def test_prior_count(variant, dataset, expected):
     priors = boxes.prior_boxes(cfg)
     assert priors.shape == (expected, 4)
     assert priors.dtype == np.float32
-    assert boxes.num_priors(cfg) == expected
+    assert num_priors(cfg.priors) == expected
     assert priors.min() >= 0.0 and priors.max() <= 1.0
 
 
