@@ -98,7 +98,7 @@ def iou(a: Any, b: Any, xp: Any = jnp) -> Any:
 
 
 def encode(matched: jax.Array, priors: jax.Array, variances: Variances = (0.1, 0.2)) -> jax.Array:
-    """Regression targets of SPEC §4: matched [..., P, 4] corners, priors [P, 4] centre → [..., P, 4].
+    """SSD regression targets: matched [..., P, 4] corners, priors [P, 4] centre → [..., P, 4].
 
     ((g_c − p_c) / (v0 · p_wh), log(g_wh / p_wh) / v1), g the matched truth in centre form.
     """
@@ -161,7 +161,7 @@ def match(
     iou_threshold: float = 0.5,
     variances: Variances = (0.1, 0.2),
 ) -> tuple[jax.Array, jax.Array]:
-    """SSD matching (SPEC §4) for a batch of images with padded ground truth.
+    """SSD matching for a batch of images with padded ground truth.
 
     Args:
       gt_boxes: [B, G, 4] float32 normalised corners (padding rows arbitrary).

@@ -1,51 +1,21 @@
-"""PyTorch state dicts → Flax variables, and the conversion CLI.
+"""PyTorch state dicts → Flax variables, and the conversion CLI (`FORMATS`):
 
-Formats (`FORMATS`):
+- `torchvision-vgg16`: `features.N`; fc6/fc7 decimated into conv6/conv7 (`decimate_fc6/7`),
+  fc8 dropped; RGB, train with the torchvision normalisation.
+- `ssd-vgg`: ssd.pytorch `vgg16_reducedfc.pth` (`N.*`, `vgg.N.*` or `base.N.*`).
+- `lrf`: official LRF300 / LRF512 (`vaesl/LRF-Net`) into the `lsn/lrf/lrf` model
+  (`lrf_entries`, the one key map); use with `model.align_corners=True` (docs/design.md).
+- `ssd`: ssd.pytorch SSD300 into the `ssd` family.
 
-- `torchvision-vgg16`: torchvision `vgg16` (`features.N.*`, `classifier.{0,3,6}.*`). The 13
-  convs load directly; fc6 (4096×25088) is reshaped to 4096×512×7×7 and decimated to every 4th
-  output filter and every 3rd tap in each spatial axis (→ conv6, 1024×512×3×3, used with dilation
-  6), fc7 (4096×4096) to every 4th output and input (→ conv7, 1024×1024×1×1); fc8
-  (`classifier.6`) is consumed and dropped. Images stay RGB (no channel swap); train with the
-  torchvision normalisation (`config.model.pixel_mean/std`).
-- `ssd-vgg`: ssd.pytorch `vgg16_reducedfc.pth`, the reduced-fc VGG as a bare module list
-  (`N.*`; `vgg.N.*` / `base.N.*` also accepted). Caffe weights: BGR → RGB swap of conv1_1.
-- `lrf`: the official LRF300 / LRF512 checkpoints (`vaesl/LRF-Net`) into the `lsn/lrf/lrf` model
-  (`config.model.family='lrf'`, aux/fusion/topdown = lsn/lrf/lrf); the key map is
-  `lrf_entries` below. BGR → RGB swap of every conv
-  that reads the image: the backbone's conv1_1 and the LSN's first conv (`icn1.part_a.0`, which
-  reads the max-pooled image; pooling is per channel, so the swap commutes with it).
-  The released weights were trained under PyTorch 0.3.1 (bilinear `align_corners=True`): use them
-  with `config.model.align_corners=True` (a warning is issued otherwise; docs/design.md).
-- `ssd`: ssd.pytorch SSD300 checkpoints (`vgg.N`, `L2Norm.weight`, `extras.N`, `loc.N`, `conf.N`)
-  into the `ssd` family. BGR → RGB swap of conv1_1.
-
-Caffe-style sources (`ssd-vgg`, `lrf`, `ssd`) expect BGR minus (104, 117, 123): after the swap our
-model reads RGB minus `pixel_mean` (123, 117, 104), std 1 (the default config). A config with
-other normalisation gets a warning.
-
-Rules: `torch.load(path, map_location='cpu', weights_only=True)` only (a pickle that
-needs `weights_only=False` is refused with a `ConversionError`); a DataParallel `module.` prefix
-is stripped; layouts change OIHW → HWIO; BatchNorm `weight/bias` → params `scale/bias`,
-`running_mean/var` → batch_stats `mean/var`; `num_batches_tracked` (absent from PyTorch 0.3
-checkpoints) is optional and dropped. Every key is consumed, every shape is checked against the
-initialised Flax tree of `models.build(config)` (shapes only:
-`checkpoints.abstract_variables`), and every Flax leaf of the converted part must be written; any violation raises a
-`ConversionError` naming the first missing, unexpected or mis-shaped key.
-
-Output (`checkpoints.save_variables`, read back by `checkpoints.load_variables`): the orbax
-item DIR holding {'params': {...}, 'batch_stats': {...}} (float32 leaves; only the backbone
-subtree for the VGG formats) and DIR/conversion.json (format, input path, the config's model
-section, key and parameter counts). `train.py` reads it through `config.init.vgg` (grafted with
-`checkpoints.merge_vgg`) or `config.init.checkpoint` (`checkpoints.merge_checkpoint`), and
-`evaluate.py --checkpoint DIR` evaluates it.
-
-CLI:
+Caffe-style sources (all but torchvision) read BGR minus (104, 117, 123): every conv that reads
+the image gets its input channels reversed, so our model reads RGB minus `pixel_mean`
+(123, 117, 104). `torch.load(weights_only=True)` only; a `module.` prefix is stripped; OIHW →
+HWIO; BatchNorm `weight/bias/running_mean/running_var` → `scale/bias/mean/var`. Every key is
+consumed and every shape checked against `checkpoints.abstract_variables`; the first missing,
+unexpected or mis-shaped key raises `ConversionError`. Output: `checkpoints.save_variables`.
 
     python -m daipnet_jax.convert lrf --input LRF_COCO_300.pth \\
         --config configs/coco.py:lrf300 --config.model.align_corners=True --output DIR
-
-torch is needed only here, at conversion time (`pip install daipnet_jax[convert]`).
 """
 
 from __future__ import annotations

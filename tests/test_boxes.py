@@ -1,4 +1,4 @@
-"""Priors, IoU, encode/decode and matching (SPEC §3.5, §4) against hand-worked values."""
+"""Priors, IoU, encode/decode and matching (SSD) against hand-worked values."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_prior_count(variant, dataset, expected):
 
 
 def _hand_prior(size, f, step, smin, smax, ratios, i, j, a):
-    """Prior `a` of cell (i, j) written out from the SPEC §3.5 formula, then clamped."""
+    """Prior `a` of cell (i, j) written out from SSD's prior formula, then clamped."""
     fk = size / step
     cx, cy = (j + 0.5) / fk, (i + 0.5) / fk
     sizes = [(smin, smin), (math.sqrt(smin * smax), math.sqrt(smin * smax))]

@@ -1,4 +1,4 @@
-"""PyTorch → Flax weight conversion (SPEC §7, issue 6), against our PyTorch reference models.
+"""PyTorch → Flax weight conversion, against our PyTorch reference models.
 
 Parity tests feed each model its own input convention: PyTorch caffe-style models get BGR minus
 (104, 117, 123) in NCHW; our models get the RGB image and normalise it themselves
@@ -58,7 +58,7 @@ def _forward(cfg, variables, rgb: np.ndarray):
 
 # ------------------------------------------------------------------ the reference itself
 def test_lrf300_reference_matches_published_parameter_counts():
-    """SPEC §9: official LRF300 COCO = 77,062,496 params in 274 tensors, per-module counts."""
+    """Official LRF300 COCO (docs/design.md, reference counts) = 77,062,496 params in 274 tensors, per-module counts."""
     net = ref.LRF(300, 81)
     sd = net.state_dict()
     assert len(sd) == 274
@@ -99,12 +99,12 @@ def _lrf_parity(size: int, width: float, align_corners: bool, drop_nbt: bool = F
     assert loc.shape == tuple(tloc.shape) and conf.shape == tuple(tconf.shape)
     assert _rel_err(loc, tloc) < TOL
     assert _rel_err(conf, tconf) < TOL
-    # The test can tell the two bilinear formulas apart (SPEC §3.4).
+    # The test can tell the two bilinear formulas apart (docs/design.md, align_corners).
     net.align_corners = not align_corners
     with torch.no_grad():
         _, other = net(_caffe_input(rgb))
     assert _rel_err(conf, other) > 100 * TOL
-    if size == 300 and width == 1.0:  # every official parameter landed somewhere (SPEC §9)
+    if size == 300 and width == 1.0:  # every official parameter landed somewhere
         n = sum(v.size for v in convert.flatten(variables["params"]).values())
         assert n == 77_062_496
 

@@ -1,4 +1,4 @@
-"""The quick-start recipe (issue 8): `train.optimizer="adam"` and the `demo` config's schedule."""
+"""The quick-start recipe: `train.optimizer="adam"` and the `demo` config's schedule."""
 
 from __future__ import annotations
 

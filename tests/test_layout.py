@@ -155,6 +155,8 @@ def test_readme_documents_exactly_the_config_keys():
     documented, keys = _documented_keys(), _config_keys()
     assert len(documented) > 40
     for pattern in documented:
-        assert fnmatch.filter(keys, pattern), f"README documents {pattern}, the config has no such key"
+        assert fnmatch.filter(keys, pattern), (
+            f"README documents {pattern}, the config has no such key"
+        )
     undocumented = sorted(k for k in keys if not any(fnmatch.fnmatch(k, p) for p in documented))
     assert undocumented == [], f"config keys missing from the README: {undocumented}"

@@ -1,6 +1,6 @@
 """Numerical parity of our Flax detector with the independent PyTorch reference (Table 2 rows 2–4).
 
-The reference (`tests/torch_reference_daipnet.py`) was written from SPEC §3.2–3.4 and the paper's
+The reference (`tests/torch_reference_daipnet.py`) was written from the paper's Sections 3.1–3.2 and its
 equations, not from our Flax code. Each test random-initialises it (He-normal convs, non-trivial
 BatchNorm running statistics, AFFM ω ≠ 0 so both the auxiliary and the backbone branch of eq. 1
 matter), copies every tensor into our variables with `daipnet_entries` below (a mapping written

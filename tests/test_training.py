@@ -149,23 +149,20 @@ def test_inconsistent_configs_name_key():
 
 def test_cli_refuses_unknown_and_bad_keys(tmp_path):
     """train.py: ml_collections refuses an unknown key; validation a bad value, exit code 2."""
-    base = [sys.executable, "train.py", "--config=configs/generated.py:lrf300"]
-    r = subprocess.run(
-        [*base, f"--workdir={tmp_path}", "--config.train.no_such_key=1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def train(*flags):
+        return subprocess.run(
+            [sys.executable, "train.py", "--config=configs/generated.py:lrf300", *flags],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    r = train(f"--workdir={tmp_path}", "--config.train.no_such_key=1")
     assert r.returncode != 0
     assert "no_such_key" in r.stderr
-    r = subprocess.run(
-        [*base, f"--workdir={tmp_path}", "--config.train.base_lr=-1.0"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = train(f"--workdir={tmp_path}", "--config.train.base_lr=-1.0")
     assert r.returncode == 2, r.stderr[-2000:]
     assert "train.base_lr" in r.stderr
     assert not (tmp_path / "checkpoints").exists()

@@ -29,16 +29,11 @@ def recipe(variant: str, *, width: float = 1.0) -> ml_collections.ConfigDict:
     c.name = f"{variant}_coco"
     c.model.num_classes = NUM_CLASSES
     common.set_priors(c, PRIOR_SIZES)
-    c.data.source = "tfds"
-    c.data.tfds_name = "coco/2017"
-    c.data.train_split, c.data.eval_split = "train", "validation"
-    c.data.max_boxes = 128
+    c.data.update(source="tfds", tfds_name="coco/2017", train_split="train", max_boxes=128)
+    c.data.eval_split = "validation"
     # Paper Section 4.2: SGD, lr 4e-3 at batch 32, 6 warm-up epochs, ×0.1 at 90/120/140, 160.
-    c.train.batch_size = 32
-    c.train.base_lr = 4e-3
-    c.train.warmup_epochs = 6.0
+    c.train.update(batch_size=32, base_lr=4e-3, warmup_epochs=6.0, total_epochs=160.0)
     c.train.decay_epochs = (90.0, 120.0, 140.0)
-    c.train.total_epochs = 160.0
     return c
 
 

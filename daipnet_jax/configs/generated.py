@@ -21,11 +21,9 @@ def recipe(variant: str, *, width: float = 0.25) -> ml_collections.ConfigDict:
     c.data.source = "generated"
     c.model.num_classes = c.data.generated_num_classes + 1
     c.data.max_boxes = 16
-    c.train.batch_size = 32
-    c.train.base_lr = 4e-3
-    c.train.warmup_epochs = 6.0
+    # The COCO schedule; the runs here set their own durations (`demo`, tests).
+    c.train.update(batch_size=32, base_lr=4e-3, warmup_epochs=6.0, total_epochs=160.0)
     c.train.decay_epochs = (90.0, 120.0, 140.0)
-    c.train.total_epochs = 160.0
     return c
 
 

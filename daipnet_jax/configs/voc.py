@@ -26,16 +26,11 @@ def recipe(variant: str, *, width: float = 1.0) -> ml_collections.ConfigDict:
     c.name = f"{variant}_voc"
     c.model.num_classes = NUM_CLASSES
     common.set_priors(c, PRIOR_SIZES)
-    c.data.source = "tfds"
-    c.data.tfds_name = "voc/2007+voc/2012"
+    c.data.update(source="tfds", tfds_name="voc/2007+voc/2012", max_boxes=64)
     c.data.train_split, c.data.eval_split = "trainval", "test"
-    c.data.max_boxes = 64
     # Paper Section 4.2: SGD, lr 4e-3 at batch 32, 6 warm-up epochs, ×0.1 at 150/200, 250.
-    c.train.batch_size = 32
-    c.train.base_lr = 4e-3
-    c.train.warmup_epochs = 6.0
+    c.train.update(batch_size=32, base_lr=4e-3, warmup_epochs=6.0, total_epochs=250.0)
     c.train.decay_epochs = (150.0, 200.0)
-    c.train.total_epochs = 250.0
     return c
 
 

@@ -1,4 +1,4 @@
-"""A procedurally generated detection dataset written as a COCO-format folder (SPEC §5).
+"""A procedurally generated detection dataset written as a COCO-format folder.
 
 The quick start and the tests train on it: no download, deterministic by seed, small enough to
 be learnt by a width-0.25 DAIPNet300 on CPU in minutes. Each class is one filled *shape*

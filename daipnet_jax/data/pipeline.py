@@ -1,4 +1,4 @@
-"""tf.data input pipelines: sources → repair → augment → pad → batch → globally sharded arrays.
+"""tf.data input pipelines: source records → repair → augment → pad → batch, per process.
 
 Batch contract (CONTRIBUTING.md; `b` = this process's part of the global batch, `G` =
 `config.data.max_boxes`, `S` = `config.model.image_size`):
@@ -7,24 +7,11 @@ Batch contract (CONTRIBUTING.md; `b` = this process's part of the global batch, 
   `labels [b,G] int32 1..K`, `mask [b,G] bool`;
 - eval: `image`, `image_id [b] int64`, `orig_size [b,2] int32 (h, w)`, `valid [b] bool`.
 
-Sources (`config.data.source`, registered in `sources.SOURCES`): `generated` (a COCO-format
-folder written on first use into `config.data.data_dir`), `coco_folder` (`data.annotation_file`
-/ `data.image_dir`, and the `eval_*` pair), `tfds` (`data.tfds_name` e.g. `coco/2017`,
-`voc/2007+voc/2012`).
-
-Bad input: missing / undecodable / unsupported image files of a folder are
-skipped at build time (`DataStats`, logged); non-RGB images are converted by
-`decode_image(channels=3)`; boxes are repaired per example by `sanitize` (non-finite → dropped,
-out of range → clipped, zero-area or inverted after clipping → dropped); crowd (and VOC
-difficult) boxes are dropped from training targets; training examples left with no box are
-skipped. These per-example counts ride through tf.data as cumulative counters and are exposed
-as `TrainIterator.stats` with the truncation and fallback counts, for the trainer to log. A
-decode failure that the header check could not see (e.g. a truncated JPEG) is dropped by
-`ignore_errors` (logged by tf.data) instead of crashing the epoch.
-
-Determinism: per-example seeds are `[config.seed, i · process_count + process_index]` with `i`
-the example's position in this process's endless stream, so a given seed gives the same batches
-whatever the parallelism (`deterministic` tf.data options).
+Bad input is repaired or skipped and counted, never fatal: unreadable folder files are dropped
+at build time (`DataStats`), boxes are repaired by `sanitize`, crowd boxes and examples left
+without boxes are skipped, undecodable images are dropped by `ignore_errors`; the counts are
+`TrainIterator.stats`. Per-example seeds `[seed, i · process_count + process_index]` make the
+batches independent of the parallelism.
 """
 
 from __future__ import annotations

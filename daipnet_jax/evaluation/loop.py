@@ -1,17 +1,9 @@
-"""The batched evaluation loop, shared by `evaluate.py` and the evaluation `train.py` passes to
-the train loop (`evaluate_during_training`).
+"""The batched evaluation loop of `evaluate.py` and of the `eval_fn` `train.py` passes to
+training (`evaluate_during_training`).
 
-`evaluate(config, variables, batches, evaluator, ...)`:
-- one jitted function per (model, config): forward (train=False) + `postprocess.detect`,
-  static shapes, no host round trips inside;
-- data parallel over every device: batch axis split over a 1-D `data` mesh with
-  `NamedSharding` when the global batch divides the device count, replicated otherwise;
-- the host accumulates the fixed-size detections of batch n while batch n+1 runs (async
-  dispatch: the next step is enqueued before `device_get` of the previous one);
-- progress with throughput and ETA printed by the first process;
-- metrics (the evaluator's numbers, per-class table included) written as JSON to
-  `WORKDIR/eval/metrics.json` and `WORKDIR/eval/metrics_<step>.json`, and the scalar numbers to
-  TensorBoard via `clu.metric_writers` under `eval/`.
+One jitted forward + `postprocess.detect` (static shapes), data parallel over the mesh when the
+batch divides the devices; the host accumulates batch n while batch n+1 runs. Metrics go to
+`WORKDIR/eval/metrics.json`, `metrics_<step>.json` and TensorBoard under `eval/`.
 """
 
 from __future__ import annotations
@@ -21,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,23 +24,13 @@ from jax.sharding import Mesh
 
 from daipnet_jax import boxes as boxes_lib
 from daipnet_jax import postprocess, sharding
+from daipnet_jax.evaluation.coco import CocoEvaluator
+from daipnet_jax.evaluation.voc import VocEvaluator
 
 Detections = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 
-class Evaluator(Protocol):
-    def add_batch(
-        self,
-        boxes: np.ndarray,
-        scores: np.ndarray,
-        classes: np.ndarray,
-        valid: np.ndarray,
-        image_ids: np.ndarray,
-        orig_sizes: np.ndarray,
-        example_valid: np.ndarray | None = None,
-    ) -> None: ...
-
-    def evaluate(self) -> dict[str, Any]: ...
+Evaluator = CocoEvaluator | VocEvaluator  # `add_batch(...)`, then `evaluate()`
 
 
 def detect_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -136,25 +118,12 @@ def evaluate(
     eval_step: Callable[[Any, Any], Detections] | None = None,
     log_every_seconds: float = 30.0,
 ) -> dict[str, Any]:
-    """Runs the model over `batches`, accumulates detections in `evaluator`, returns its metrics.
+    """Run the model over `batches`, accumulate detections in `evaluator`, return its metrics
+    plus `num_images`, `seconds` and `images_per_s`.
 
-    Args:
-      config: the full config (model, priors, postprocess).
-      variables: {'params', 'batch_stats'} (host or device arrays).
-      batches: eval batches (data contract): `image [b,S,S,3] f32`, `image_id [b]`,
-        `orig_size [b,2] (h, w)`, `valid [b]`; all of the same size b. With several processes,
-        each yields its own slice and b is the per-process size.
-      evaluator: `CocoEvaluator` or `VocEvaluator` (anything with add_batch/evaluate).
-      model: the flax module (default `models.build(config)`).
-      workdir: where to write `eval/metrics.json`, `eval/metrics_<step>.json`, the results JSON
-        (COCO) and TensorBoard scalars; None writes nothing.
-      step: the training step the numbers belong to (TensorBoard x-axis, file names).
-      num_batches: for the ETA (default `len(batches)` when it exists).
-      writer: a `clu.metric_writers` writer (default: one on `workdir`).
-      eval_step: a prepared `make_eval_step(...)` (training reuses it across evaluations).
-    Returns:
-      the evaluator's metrics plus `num_images`, `seconds` (wall time of the inference loop,
-      first-call compilation included) and `images_per_s`.
+    batches: eval batches (`image [b,S,S,3] f32`, `image_id [b]`, `orig_size [b,2]`,
+    `valid [b]`), this process's slice; `workdir`: where to write the metrics (None: nowhere);
+    `eval_step`: a prepared `make_eval_step(...)` (reused across evaluations in training).
     """
     if model is None:
         from daipnet_jax import models

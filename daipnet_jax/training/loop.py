@@ -1,28 +1,15 @@
 """The train loop: `train_and_evaluate(config, workdir, eval_fn=...)`.
 
-Order of work: validate the config (before anything is built or compiled), build the mesh,
-model, priors, schedule and optimiser; initialise (from converted VGG-16 weights when
-`config.init.vgg` names them, else from scratch) or resume from `WORKDIR/checkpoints`; then
-run the jitted data-parallel step until `total_steps`, with metrics, progress, periodic and
-final checkpoints, and the evaluation function the caller passes in (`train.py` builds it from
-`daipnet_jax.evaluation`; this package never imports evaluation). Batches are transferred to
-the devices ahead of the step (`sharding.DevicePrefetch`).
+Validate the config, build mesh, model, priors, schedule and optimiser, initialise (or resume
+from `WORKDIR/checkpoints`), then run the jitted step until `total_steps` on batches moved to
+the devices ahead of time (`sharding.DevicePrefetch`), with metrics, checkpoints and the
+caller's `eval_fn` (`train.py` passes the evaluation package's; training never imports it).
 
-Resume is exact: the checkpoint stores the number of batches consumed (`data_position`); a
-resumed run rebuilds the deterministic input pipeline and skips that many batches (or passes the
-position to the pipeline when it accepts a `start_batch` argument), so an interrupted and an
-uninterrupted run see the same batches and reach the same parameters.
-
-Stopping: SIGTERM (preemption) or `train.max_train_seconds` saves a checkpoint and returns
-normally; with several processes the stop request is agreed on (all-gathered) at log steps so
-every process saves the same step. A non-finite loss or gradient (NaN guard, see `step.py`)
-raises `NonFiniteError` naming the step and term, without saving; the last good checkpoint
-stays the latest.
-
-Metrics (clu metric writers: TensorBoard in WORKDIR and the log): `loss`, `loc`, `conf`,
-`pos_per_image`, `lr`, `grad_norm`, `images_per_sec`, `step_time` (s), `data_wait` (s per step)
-averaged over each log window; a progress line on stdout with the ETA computed from training
-time only (the clock pauses during evaluation and checkpointing).
+Resume is exact: the checkpoint stores the batches consumed and a resumed run skips that many
+of the deterministic stream. SIGTERM or `train.max_train_seconds` saves and returns (agreed
+across processes at log steps). A non-finite loss or gradient raises `NonFiniteError` naming
+step and term without saving. Metrics per log window: `loss`, `loc`, `conf`, `pos_per_image`,
+`lr`, `grad_norm`, `images_per_sec`, `step_time`, `data_wait`; the ETA counts training time only.
 """
 
 from __future__ import annotations
