@@ -44,21 +44,23 @@ def main(argv: list[str]) -> None:
     quiet_library_logs()
     if not FLAGS.workdir and not FLAGS.checkpoint:
         raise app.UsageError("give --workdir DIR (training checkpoints) or --checkpoint PATH")
+    from daipnet_jax import checkpoints
+    from daipnet_jax.config import ConfigError
     from daipnet_jax.evaluation import coco, loop
+    from daipnet_jax.validate import validate_config
 
     config = FLAGS.config
     source = FLAGS.checkpoint or FLAGS.workdir
     out_dir = FLAGS.workdir or FLAGS.checkpoint
     try:
-        variables = loop.restore_variables(config, source, FLAGS.step)
-    except loop.CheckpointError as e:
+        validate_config(config)
+        variables = checkpoints.restore_variables(config, source, FLAGS.step)
+    except (ConfigError, checkpoints.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     step = FLAGS.step
     if step is None and FLAGS.checkpoint is None:
-        from daipnet_jax.training.checkpoint import Checkpointer, checkpoint_dir
-
-        step = Checkpointer(checkpoint_dir(FLAGS.workdir), create=False).latest_step()
+        step = checkpoints.latest_step(FLAGS.workdir)
     logging.info("evaluating %s (step %s)", source, step)
     metrics = loop.run_evaluation(config, variables, workdir=out_dir, step=step)
     per_class = metrics.pop("per_class", {})

@@ -2,7 +2,8 @@
 
 Any config value can be overridden with `--config.KEY=VALUE` (e.g. `--config.train.batch_size=8`);
 unknown keys are refused by ml_collections, inconsistent values by
-`daipnet_jax.training.validate_config` before anything is compiled. Re-running with the same
+`daipnet_jax.validate.validate_config` before anything is compiled. The evaluation run during
+and after training is `daipnet_jax.evaluation.evaluate_during_training`, passed to the loop. Re-running with the same
 `--workdir` resumes from its latest checkpoint. SIGTERM saves a checkpoint and exits cleanly.
 
 Several processes (multi-host): pass `--coordinator_address HOST:PORT --num_processes N
@@ -61,10 +62,12 @@ def main(argv: list[str]) -> None:
             kwargs["local_device_ids"] = [int(i) for i in _LOCAL_DEVICES.value.split(",")]
         jax.distributed.initialize(**kwargs)
 
-    from daipnet_jax.training import ConfigError, NonFiniteError, train_and_evaluate
+    from daipnet_jax.config import ConfigError
+    from daipnet_jax.evaluation import evaluate_during_training
+    from daipnet_jax.training import NonFiniteError, train_and_evaluate
 
     try:
-        train_and_evaluate(_CONFIG.value, str(_WORKDIR.value))
+        train_and_evaluate(_CONFIG.value, str(_WORKDIR.value), eval_fn=evaluate_during_training)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)

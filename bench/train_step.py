@@ -73,7 +73,7 @@ def targets(batch: int, width: float):
 def jax_bench(variant: str, width: float, batch: int, iters: int) -> dict[str, float]:
     import jax
 
-    from daipnet_jax import boxes, losses, models
+    from daipnet_jax import boxes, losses, models, sharding
     from daipnet_jax.config import base_config
     from daipnet_jax.training import schedule as sched_lib
     from daipnet_jax.training import state as state_lib
@@ -86,13 +86,13 @@ def jax_bench(variant: str, width: float, batch: int, iters: int) -> dict[str, f
     priors = boxes.prior_boxes(c)
     sched = sched_lib.learning_rate_schedule(c, 1000)
     tx = sched_lib.make_optimizer(c, sched)
-    mesh = step_lib.make_mesh()
-    rep = step_lib.replicated(mesh)
+    mesh = sharding.make_mesh()
+    rep = sharding.replicated(mesh)
     t0 = time.perf_counter()
     variables = state_lib.init_variables(model, c, jax.random.PRNGKey(0))
     state = jax.device_put(state_lib.create_train_state(variables, tx, jax.random.PRNGKey(1)), rep)
     host = make_batch(c, batch)
-    batch_g = step_lib.global_batch(host, mesh)
+    batch_g = sharding.global_batch(host, mesh, step_lib.TRAIN_KEYS)
     loc_t, cls_t = jax.jit(lambda b: boxes.match(b["boxes"], b["labels"], b["mask"], priors))(
         batch_g
     )

@@ -1,6 +1,6 @@
-"""Prior boxes, IoU, box encoding and ground-truth matching (SPEC §3.5 and §4).
+"""Prior boxes, IoU, box encoding and ground-truth matching (SSD, paper Section 3.5).
 
-Conventions (SPEC §1): ground truth and decoded boxes are normalised corners
+Conventions: ground truth and decoded boxes are normalised corners
 (xmin, ymin, xmax, ymax); priors are normalised centre form (cx, cy, w, h).
 
 Every function but `prior_boxes` (host-side NumPy, computed once per config) is a pure `jax.numpy`
@@ -32,22 +32,10 @@ def _prior_section(config: Any) -> tuple[Any, int]:
     return config.priors, int(config.model.image_size)
 
 
-def num_priors(config: Any) -> int:
-    """P, the number of priors of `config` (SPEC §3.5): Σ_k f_k² · (2 + 2·len(ratios_k)).
-
-    COCO/VOC 300 (LRF/DAIPNet): 11620; 512: 32756; vanilla SSD300: 8732.
-    """
-    table, _ = _prior_section(config)
-    return sum(
-        int(f) * int(f) * (2 + 2 * len(r))
-        for f, r in zip(table.feature_maps, table.aspect_ratios, strict=True)
-    )
-
-
 def prior_boxes(config: Any) -> np.ndarray:
     """SSD prior boxes of `config`, [P, 4] float32 normalised centre form (cx, cy, w, h).
 
-    SPEC §3.5: for each source k (in head order), for each cell (i row, j column, row-major),
+    For each source k (in head order), for each cell (i row, j column, row-major),
     centre ((j + 0.5)/f_k, (i + 0.5)/f_k) with f_k = S / step_k, then the sizes in this order:
     min_k; sqrt(min_k·max_k); for each ratio r: (min_k·√r, min_k/√r), (min_k/√r, min_k·√r); all
     divided by S. The order (row, column, anchor) is the NHWC reshape order of the heads.
@@ -89,27 +77,28 @@ def corners_to_center(boxes: jax.Array) -> jax.Array:
     )
 
 
-def iou(a: jax.Array, b: jax.Array) -> jax.Array:
+def iou(a: Any, b: Any, xp: Any = jnp) -> Any:
     """Intersection over union of corner boxes: a [..., N, 4], b [..., M, 4] → [..., N, M].
 
-    Areas are plain (xmax − xmin)·(ymax − ymin) on normalised boxes, no "+1" (SPEC §6 choice).
+    Areas are plain (xmax − xmin)·(ymax − ymin), no "+1" (docs/design.md, box areas).
     Touching boxes (shared edge) have IoU 0. choice: where the union is 0 (two empty boxes) the
-    IoU is 0 instead of NaN.
+    IoU is 0 instead of NaN. `xp=np` computes on the host in the inputs' dtype (evaluation,
+    data generation); the default `jnp` in float32.
     """
-    a = jnp.asarray(a, jnp.float32)
-    b = jnp.asarray(b, jnp.float32)
-    lo = jnp.maximum(a[..., :, None, :2], b[..., None, :, :2])
-    hi = jnp.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-    wh = jnp.maximum(hi - lo, 0.0)
+    a = jnp.asarray(a, jnp.float32) if xp is jnp else np.asarray(a)
+    b = jnp.asarray(b, jnp.float32) if xp is jnp else np.asarray(b)
+    lo = xp.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    hi = xp.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
+    wh = xp.maximum(hi - lo, 0.0)
     inter = wh[..., 0] * wh[..., 1]
     area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
     area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
     union = area_a[..., :, None] + area_b[..., None, :] - inter
-    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+    return xp.where(union > 0, inter / xp.where(union > 0, union, 1.0), 0.0)
 
 
 def encode(matched: jax.Array, priors: jax.Array, variances: Variances = (0.1, 0.2)) -> jax.Array:
-    """Regression targets of SPEC §4: matched [..., P, 4] corners, priors [P, 4] centre → [..., P, 4].
+    """SSD regression targets: matched [..., P, 4] corners, priors [P, 4] centre → [..., P, 4].
 
     ((g_c − p_c) / (v0 · p_wh), log(g_wh / p_wh) / v1), g the matched truth in centre form.
     """
@@ -172,7 +161,7 @@ def match(
     iou_threshold: float = 0.5,
     variances: Variances = (0.1, 0.2),
 ) -> tuple[jax.Array, jax.Array]:
-    """SSD matching (SPEC §4) for a batch of images with padded ground truth.
+    """SSD matching for a batch of images with padded ground truth.
 
     Args:
       gt_boxes: [B, G, 4] float32 normalised corners (padding rows arbitrary).

@@ -1,66 +1,26 @@
-"""PyTorch state dicts → Flax variables, and the conversion CLI (SPEC §7, issue 6).
+"""PyTorch state dicts → Flax variables, and the conversion CLI (`FORMATS`):
 
-Formats (`FORMATS`):
+- `torchvision-vgg16`: `features.N`; fc6/fc7 decimated into conv6/conv7 (`decimate_fc6/7`),
+  fc8 dropped; RGB, train with the torchvision normalisation.
+- `ssd-vgg`: ssd.pytorch `vgg16_reducedfc.pth` (`N.*`, `vgg.N.*` or `base.N.*`).
+- `lrf`: official LRF300 / LRF512 (`vaesl/LRF-Net`) into the `lsn/lrf/lrf` model
+  (`lrf_entries`, the one key map); use with `model.align_corners=True` (docs/design.md).
+- `ssd`: ssd.pytorch SSD300 into the `ssd` family.
 
-- `torchvision-vgg16`: torchvision `vgg16` (`features.N.*`, `classifier.{0,3,6}.*`). The 13
-  convs load directly; fc6 (4096×25088) is reshaped to 4096×512×7×7 and decimated to every 4th
-  output filter and every 3rd tap in each spatial axis (→ conv6, 1024×512×3×3, used with dilation
-  6), fc7 (4096×4096) to every 4th output and input (→ conv7, 1024×1024×1×1); fc8
-  (`classifier.6`) is consumed and dropped. Images stay RGB (no channel swap); train with the
-  torchvision normalisation (`config.model.pixel_mean/std`, SPEC §1).
-- `ssd-vgg`: ssd.pytorch `vgg16_reducedfc.pth`, the reduced-fc VGG as a bare module list
-  (`N.*`; `vgg.N.*` / `base.N.*` also accepted). Caffe weights: BGR → RGB swap of conv1_1.
-- `lrf`: the official LRF300 / LRF512 checkpoints (`vaesl/LRF-Net`) into the `lsn/lrf/lrf` model
-  (`config.model.family='lrf'`, aux/fusion/topdown = lsn/lrf/lrf); the key table is in
-  `daipnet_jax/models/detector.py`'s docstring. BGR → RGB swap of every conv
-  that reads the image: the backbone's conv1_1 and the LSN's first conv (`icn1.part_a.0`, which
-  reads the max-pooled image; pooling is per channel, so the swap commutes with it).
-  The released weights were trained under PyTorch 0.3.1 (bilinear `align_corners=True`): use them
-  with `config.model.align_corners=True` (SPEC §3.4; a warning is issued otherwise).
-- `ssd`: ssd.pytorch SSD300 checkpoints (`vgg.N`, `L2Norm.weight`, `extras.N`, `loc.N`, `conf.N`)
-  into the `ssd` family. BGR → RGB swap of conv1_1.
-
-Caffe-style sources (`ssd-vgg`, `lrf`, `ssd`) expect BGR minus (104, 117, 123): after the swap our
-model reads RGB minus `pixel_mean` (123, 117, 104), std 1 (the default config). A config with
-other normalisation gets a warning.
-
-Rules (SPEC §7): `torch.load(path, map_location='cpu', weights_only=True)` only (a pickle that
-needs `weights_only=False` is refused with a `ConversionError`); a DataParallel `module.` prefix
-is stripped; layouts change OIHW → HWIO; BatchNorm `weight/bias` → params `scale/bias`,
-`running_mean/var` → batch_stats `mean/var`; `num_batches_tracked` (absent from PyTorch 0.3
-checkpoints) is optional and dropped. Every key is consumed, every shape is checked against the
-initialised Flax tree of `models.build(config)` (shapes only: `jax.eval_shape`, nothing is
-computed), and every Flax leaf of the converted part must be written; any violation raises a
-`ConversionError` naming the first missing, unexpected or mis-shaped key.
-
-Output layout (what `train.py`'s `config.init.vgg` / `config.init.checkpoint` and
-`evaluate.py --checkpoint` read; `load_converted` = `load_variables` reads it back):
-
-    DIR/                  one orbax `StandardCheckpointer` item (`ocp.args.StandardSave`) of the
-                          pytree {'params': {...}, 'batch_stats': {...}} (float32 leaves);
-                          restorable with `ocp.StandardCheckpointer().restore(DIR)` or
-                          `ocp.PyTreeCheckpointer().restore(DIR)` without a target. For the VGG
-                          formats only the backbone subtree: {'params': {'backbone': {...}},
-                          'batch_stats': {}}.
-    DIR/conversion.json   metadata beside orbax's own files: format, input path, the config's
-                          model section, key and parameter counts.
-
-Full formats (`lrf`, `ssd`) hold the complete variables of `models.build(config)`
-(`merge_checkpoint(init_variables, load_variables(DIR))` checks every path and shape); VGG formats
-are grafted into a freshly initialised tree with `merge_vgg(variables, load_variables(DIR))`.
-
-CLI:
+Caffe-style sources (all but torchvision) read BGR minus (104, 117, 123): every conv that reads
+the image gets its input channels reversed, so our model reads RGB minus `pixel_mean`
+(123, 117, 104). `torch.load(weights_only=True)` only; a `module.` prefix is stripped; OIHW →
+HWIO; BatchNorm `weight/bias/running_mean/running_var` → `scale/bias/mean/var`. Every key is
+consumed and every shape checked against `checkpoints.abstract_variables`; the first missing,
+unexpected or mis-shaped key raises `ConversionError`. Output: `checkpoints.save_variables`.
 
     python -m daipnet_jax.convert lrf --input LRF_COCO_300.pth \\
         --config configs/coco.py:lrf300 --config.model.align_corners=True --output DIR
-
-torch is needed only here, at conversion time (`pip install daipnet_jax[convert]`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import pickle
 import warnings
@@ -69,8 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from daipnet_jax import checkpoints
+from daipnet_jax.checkpoints import METADATA_FILE
+
 FORMATS = ("torchvision-vgg16", "ssd-vgg", "lrf", "ssd")
-METADATA_FILE = "conversion.json"
+__all__ = ["FORMATS", "METADATA_FILE", "ConversionError", "convert_file", "convert_state_dict"]
 
 StateDict = dict[str, np.ndarray]
 Path = tuple[str, ...]
@@ -142,7 +105,7 @@ def bgr_to_rgb_oihw(w: np.ndarray) -> np.ndarray:
 
 
 def decimate_fc6(w: np.ndarray) -> np.ndarray:
-    """torchvision fc6 [4096, 25088] → conv6 OIHW [1024, 512, 3, 3] (SPEC §7).
+    """torchvision fc6 [4096, 25088] → conv6 OIHW [1024, 512, 3, 3] (SSD's reduced fc6).
 
     Reshaped to [4096, 512, 7, 7]; every 4th output filter, every 3rd tap (0, 3, 6) per axis.
     """
@@ -345,7 +308,7 @@ def _vgg_index() -> dict[str, int]:
 
 
 def vgg_entries(prefix: str, *, bgr: bool) -> list[Entry]:
-    """Reduced-fc VGG as a module list (`{prefix}N.*`) → `backbone/conv*` (SPEC §2)."""
+    """Reduced-fc VGG as a module list (`{prefix}N.*`) → `backbone/conv*`."""
     index = _vgg_index()
     out: list[Entry] = []
     for name in VGG_CONVS:
@@ -377,9 +340,17 @@ def torchvision_vgg16_entries() -> list[Entry]:
 
 
 def lrf_entries(image_size: int, num_sources: int) -> list[Entry]:
-    """Official LRF300 / LRF512 (`vaesl/LRF-Net`) → the `lsn/lrf/lrf` model.
+    """Official LRF300 / LRF512 (`vaesl/LRF-Net` `models/LRF_COCO_{300,512}.py`) → the
+    `lsn/lrf/lrf` model: the one LRF key map (n = 4 fused levels at 300, 5 at 512).
 
-    The table of `daipnet_jax/models/detector.py`; n = 4 fused levels at 300, 5 at 512.
+    | official key prefix | ours |
+    |---|---|
+    | `base.N` (VGG indices, `vgg.VGG_TORCH_INDEX`) | `backbone/conv*` |
+    | `ibn{1,2}.bn`, `Norm{i}.single_branch.0`, `dsc{i}.single_branch.0` | `fusion/…` |
+    | `icn1.part_a.{0,1,2}`, `icn1.part_b`, `icn{k}.part_{a,b}` | `aux/icn*/…` |
+    | `extras.*` | `extras/otc*/single_branch_*`, `extras/cb*` |
+    | `proj{j}`, `agent{i}`, `convert{i}`, `merge{i}` | `topdown/…` |
+    | `loc.s`, `conf.s` | `heads/loc{s}`, `heads/conf{s}` |
     """
     n = 4 if image_size == 300 else 5
     out = vgg_entries("base.", bgr=True)
@@ -388,14 +359,31 @@ def lrf_entries(image_size: int, num_sources: int) -> list[Entry]:
         out += convbn_entries(f"Norm{i}.single_branch.0", (FUSION, f"Norm{i}"))
     for i in range(1, n):
         out += convbn_entries(f"dsc{i}.single_branch.0", (FUSION, f"dsc{i}"))
+    out += lsn_entries(n)
+    out += lrf_extras_entries(image_size)
+    out += topdown_entries(n, ("proj", "agent", "convert", "merge"))
+    out += head_entries(num_sources)
+    return out
+
+
+def lsn_entries(n: int) -> list[Entry]:
+    """LSN `icn1.part_a.{0,1,2}`, `icn1.part_b`, `icn{k}.part_{a,b}` → `aux/icn*` (the first
+    conv reads the pooled image: BGR → RGB swap)."""
+    out: list[Entry] = []
     for j in range(3):
         out += convbn_entries(f"icn1.part_a.{j}", (AUX, "icn1", f"part_a_{j}"), bgr=j == 0)
     out += convbn_entries("icn1.part_b", (AUX, "icn1", "part_b"))
     for k in range(2, n):
         for part in ("part_a", "part_b"):
             out += convbn_entries(f"icn{k}.{part}", (AUX, f"icn{k}", part))
+    return out
+
+
+def lrf_extras_entries(image_size: int) -> list[Entry]:
+    """LRF `extras.N` → `extras/otc{N}/single_branch_{0,1}` and `extras/cb{N}`."""
     otc = (0, 2) if image_size == 300 else (0, 2, 4, 6)
     cbs = (4, 5, 6, 7) if image_size == 300 else (8, 9)
+    out: list[Entry] = []
     for idx in otc:
         for j in (0, 1):
             out += convbn_entries(
@@ -403,10 +391,15 @@ def lrf_entries(image_size: int, num_sources: int) -> list[Entry]:
             )
     for idx in cbs:
         out += convbn_entries(f"extras.{idx}", (EXTRAS, f"cb{idx}"))
-    for name in ("proj", "agent", "convert", "merge"):
+    return out
+
+
+def topdown_entries(n: int, names: tuple[str, ...]) -> list[Entry]:
+    """LRF top-down `{name}{i}` (i = 1..n−1) → `topdown/{name}{i}`."""
+    out: list[Entry] = []
+    for name in names:
         for i in range(1, n):
             out += convbn_entries(f"{name}{i}", (TOPDOWN, f"{name}{i}"))
-    out += _head_entries(num_sources)
     return out
 
 
@@ -416,11 +409,12 @@ def ssd_entries(image_size: int, num_sources: int) -> list[Entry]:
     out.append(Entry("L2Norm.weight", "params", (L2NORM, L2NORM_PARAM)))
     for k in range(8 if image_size == 300 else 10):
         out += conv_entries(f"extras.{k}", (EXTRAS, f"conv{k}"))
-    out += _head_entries(num_sources)
+    out += head_entries(num_sources)
     return out
 
 
-def _head_entries(num_sources: int) -> list[Entry]:
+def head_entries(num_sources: int) -> list[Entry]:
+    """`loc.s`, `conf.s` → `heads/loc{s}`, `heads/conf{s}`."""
     out: list[Entry] = []
     for kind in ("loc", "conf"):
         for s in range(num_sources):
@@ -429,20 +423,6 @@ def _head_entries(num_sources: int) -> list[Entry]:
 
 
 # ------------------------------------------------------------------ conversion
-def model_shapes(config: Any) -> dict[str, Any]:
-    """The variables of `models.build(config)` as `jax.ShapeDtypeStruct`s (nothing computed)."""
-    import jax
-    import jax.numpy as jnp
-
-    from daipnet_jax import models
-
-    model = models.build(config)
-    s = int(config.model.image_size)
-    images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)
-    return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
-
-
 def _normalise_sd(fmt: str, sd: Mapping[str, Any]) -> StateDict:
     sd = strip_module_prefix({k: np.asarray(v) for k, v in sd.items()})
     if fmt == "ssd-vgg":
@@ -464,7 +444,7 @@ def _check_config(fmt: str, config: Any) -> None:
         if not m.align_corners:
             warnings.warn(
                 "lrf: config.model.align_corners is False, but the official LRF weights were "
-                "trained with PyTorch 0.3.1's align_corners=True bilinear upsampling (SPEC §3.4)",
+                "trained with PyTorch 0.3.1's align_corners=True bilinear upsampling",
                 stacklevel=3,
             )
     if fmt == "ssd" and m.family != "ssd":
@@ -481,7 +461,7 @@ def _check_config(fmt: str, config: Any) -> None:
     if not caffe and np.allclose(mean, CAFFE_MEAN_RGB):
         warnings.warn(
             "torchvision-vgg16: torchvision weights expect pixel_mean 255·(0.485, 0.456, 0.406) "
-            "and pixel_std 255·(0.229, 0.224, 0.225) (SPEC §1); the config has the caffe mean",
+            "and pixel_std 255·(0.229, 0.224, 0.225); the config has the caffe mean",
             stacklevel=3,
         )
 
@@ -497,8 +477,8 @@ def convert_state_dict(
 
     `lrf` / `ssd`: the complete {'params', 'batch_stats'} of `models.build(config)`.
     VGG formats: only the backbone, {'params': {'backbone': …}, 'batch_stats': {}} (graft it with
-    `merge_vgg`). `shapes` (optional): precomputed `model_shapes(config)`.
-    Raises `ConversionError` on any mismatch (SPEC §7).
+    `checkpoints.merge_vgg`). `shapes` (optional): precomputed `checkpoints.abstract_variables`.
+    Raises `ConversionError` on any mismatch.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
@@ -514,7 +494,11 @@ def convert_state_dict(
         entries, require = lrf_entries(size, num_sources), []
     else:
         entries, require = ssd_entries(size, num_sources), []
-    target = shapes if shapes is not None else model_shapes(config)
+    if shapes is None:
+        from daipnet_jax import models
+
+        shapes = checkpoints.abstract_variables(models.build(config), config)
+    target = shapes
     return apply_entries(sd, entries, target, fmt=fmt, require=require)
 
 
@@ -522,116 +506,6 @@ def _to_numpy(v: Any) -> np.ndarray:
     if hasattr(v, "detach"):  # a torch tensor
         return v.detach().cpu().numpy()
     return np.asarray(v)
-
-
-# ------------------------------------------------------------------ checkpoints
-def save_converted(
-    variables: Mapping[str, Any], directory: str | pathlib.Path, metadata: Mapping[str, Any]
-) -> pathlib.Path:
-    """Write `variables` as the orbax item DIR (StandardSave) plus DIR/conversion.json.
-
-    An existing DIR is replaced (orbax `force=True`).
-    """
-    import orbax.checkpoint as ocp
-
-    directory = pathlib.Path(directory).resolve()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tree = {
-        "params": variables.get("params", {}),
-        "batch_stats": variables.get("batch_stats", {}),
-    }
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(directory, tree, force=True)
-    ckpt.wait_until_finished()
-    (directory / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, sort_keys=True))
-    return directory
-
-
-def load_converted(
-    path: str | pathlib.Path, target: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """Read a directory written by `save_converted` / the CLI → {'params', 'batch_stats'} (numpy).
-
-    With `target` (a variables tree or its `jax.eval_shape`), every leaf must exist in the
-    checkpoint with the same shape and vice versa; otherwise `ConversionError` names the first
-    differing path.
-    """
-    import orbax.checkpoint as ocp
-
-    directory = pathlib.Path(path).resolve()
-    if not (directory / METADATA_FILE).is_file():
-        raise FileNotFoundError(
-            f"{directory}: not a converted checkpoint ({METADATA_FILE} missing; write one with "
-            "`python -m daipnet_jax.convert`)"
-        )
-    restored = ocp.StandardCheckpointer().restore(directory)
-    out = {
-        "params": dict(restored.get("params", {}) or {}),
-        "batch_stats": dict(restored.get("batch_stats", {}) or {}),
-    }
-    if target is not None:
-        _check_same_tree(out, target, str(directory))
-    return out
-
-
-load_variables = load_converted
-
-
-def _check_same_tree(got_tree: Mapping[str, Any], want_tree: Mapping[str, Any], what: str) -> None:
-    got = {(c, *p): v for c in got_tree for p, v in flatten(got_tree[c]).items()}
-    want = {(c, *p): v for c in want_tree for p, v in flatten(want_tree[c]).items()}
-    for p in want:
-        if p not in got:
-            raise ConversionError(f"{what}: the checkpoint lacks {'/'.join(p)}")
-        if _shape(got[p]) != _shape(want[p]):
-            raise ConversionError(
-                f"{what}: {'/'.join(p)} has shape {_shape(got[p])}, the model wants "
-                f"{_shape(want[p])}"
-            )
-    for p in got:
-        if p not in want:
-            raise ConversionError(f"{what}: the checkpoint has {'/'.join(p)}, the model does not")
-
-
-def merge_checkpoint(variables: Mapping[str, Any], loaded: Mapping[str, Any]) -> dict[str, Any]:
-    """A full converted checkpoint in place of `variables` (e.g. a fresh init of the same model).
-
-    Both trees must have exactly the same paths and shapes (`ConversionError` names the first
-    difference); leaves are cast to the dtypes of `variables`.
-    """
-    _check_same_tree(loaded, variables, "merge_checkpoint")
-    out: dict[str, Any] = {}
-    for c in variables:
-        new = flatten(loaded[c])
-        out[c] = unflatten(
-            {p: np.asarray(new[p], dtype=ref.dtype) for p, ref in flatten(variables[c]).items()}
-        )
-    return out
-
-
-def merge_vgg(variables: Mapping[str, Any], vgg_variables: Mapping[str, Any]) -> dict[str, Any]:
-    """Graft converted backbone weights into a full variables tree (e.g. a fresh init).
-
-    Every leaf of `vgg_variables` must exist in `variables` with the same shape; the result is a
-    new tree of host numpy arrays (inputs unchanged) whose backbone leaves are replaced, cast to
-    the target dtype.
-    """
-    flat = {(c, *p): v for c in variables for p, v in flatten(variables[c]).items()}
-    for c in vgg_variables:
-        for p, v in flatten(vgg_variables[c]).items():
-            dest = (c, *p)
-            if dest not in flat:
-                raise ConversionError(f"merge_vgg: the model has no {'/'.join(dest)}")
-            if _shape(v) != _shape(flat[dest]):
-                raise ConversionError(
-                    f"merge_vgg: {'/'.join(dest)} is {_shape(v)} in the converted weights but "
-                    f"{_shape(flat[dest])} in the model (check model.width)"
-                )
-            flat[dest] = np.asarray(v, dtype=flat[dest].dtype)
-    out = unflatten(flat)
-    for c in variables:
-        out.setdefault(c, {})
-    return out
 
 
 def convert_file(
@@ -648,7 +522,7 @@ def convert_file(
         "model": config.model.to_dict(),
         "num_params": int(sum(v.size for v in flatten(variables["params"]).values())),
     }
-    return save_converted(variables, output, meta)
+    return checkpoints.save_variables(variables, output, meta)
 
 
 # ------------------------------------------------------------------ CLI
@@ -673,8 +547,8 @@ def _cli_main(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """`python -m daipnet_jax.convert FORMAT --input X.pth --config CFG --output DIR`.
 
-    Flags are defined here, not at import, so that importing this module (as the training loop
-    does) never clashes with the importer's own `--config` flag.
+    Flags are defined here, not at import, so that importing this module never clashes with the
+    importer's own `--config` flag.
     """
     from absl import app, flags
     from ml_collections import config_flags

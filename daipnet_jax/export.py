@@ -191,7 +191,7 @@ def _plain(tree: Any) -> Any:
 def main(argv: Sequence[str]) -> None:
     from absl import app, flags
 
-    from daipnet_jax.evaluation.loop import restore_variables
+    from daipnet_jax.checkpoints import restore_variables
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -210,7 +210,7 @@ def run(argv: Sequence[str] | None = None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    from daipnet_jax.evaluation.loop import CheckpointError
+    from daipnet_jax.checkpoints import CheckpointError
 
     config_flags.DEFINE_config_file("config", None, "config file (file.py:arg)", lock_config=False)
     flags.DEFINE_string("checkpoint", None, "training workdir or converted checkpoint directory")

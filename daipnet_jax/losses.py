@@ -1,4 +1,4 @@
-"""SSD MultiBox loss: smooth-L1 localisation + hard-negative-mined softmax CE (SPEC §4).
+"""SSD MultiBox loss: smooth-L1 localisation + hard-negative-mined softmax CE (SSD, Liu et al. 2016, Section 2.2).
 
 Static shapes throughout (no boolean indexing): hard negatives are chosen with a sort-based rank,
 so the loss is `jit`-able and shardable over the batch axis.
@@ -25,7 +25,7 @@ def background_loss(logits: jax.Array) -> jax.Array:
 def hard_negative_mask(
     bg_loss: jax.Array, cls_targets: jax.Array, *, neg_pos_ratio: int = 3
 ) -> jax.Array:
-    """Hard negatives per image (SPEC §4): bg_loss [B, P], cls_targets [B, P] → mask [B, P] bool.
+    """Hard negatives per image (SSD's hard negative mining): bg_loss [B, P], cls_targets [B, P] → mask [B, P] bool.
 
     Per image with n positives, the negatives (cls_targets == 0) with the largest background loss,
     n_neg = min(neg_pos_ratio·n, P − 1, number of negatives) of them; ties: lower prior index
@@ -59,7 +59,7 @@ def multibox_loss(
     *,
     neg_pos_ratio: int = 3,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """SSD MultiBox loss (SPEC §4).
+    """SSD MultiBox loss.
 
     Args:
       loc: [B, P, 4] predicted offsets; logits: [B, P, C] class logits (0 = background).

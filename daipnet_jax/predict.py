@@ -396,7 +396,7 @@ def predict_files(
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
-    from daipnet_jax.evaluation.loop import restore_variables
+    from daipnet_jax.checkpoints import restore_variables
 
     FLAGS = flags.FLAGS
     config = FLAGS.config
@@ -450,7 +450,7 @@ def _define_flags() -> None:
 def run(argv: Sequence[str] | None = None) -> None:
     from absl import app
 
-    from daipnet_jax.evaluation.loop import CheckpointError
+    from daipnet_jax.checkpoints import CheckpointError
 
     _define_flags()
 

@@ -1,4 +1,4 @@
-"""Priors, IoU, encode/decode and matching (SPEC §3.5, §4) against hand-worked values."""
+"""Priors, IoU, encode/decode and matching (SSD) against hand-worked values."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from daipnet_jax import boxes
-from daipnet_jax.config import base_config
+from daipnet_jax.config import base_config, num_priors
 
 
 # ---------------------------------------------------------------- priors
@@ -27,12 +27,12 @@ def test_prior_count(variant, dataset, expected):
     priors = boxes.prior_boxes(cfg)
     assert priors.shape == (expected, 4)
     assert priors.dtype == np.float32
-    assert boxes.num_priors(cfg) == expected
+    assert num_priors(cfg.priors) == expected
     assert priors.min() >= 0.0 and priors.max() <= 1.0
 
 
 def _hand_prior(size, f, step, smin, smax, ratios, i, j, a):
-    """Prior `a` of cell (i, j) written out from the SPEC §3.5 formula, then clamped."""
+    """Prior `a` of cell (i, j) written out from SSD's prior formula, then clamped."""
     fk = size / step
     cx, cy = (j + 0.5) / fk, (i + 0.5) / fk
     sizes = [(smin, smin), (math.sqrt(smin * smax), math.sqrt(smin * smax))]

@@ -1,4 +1,4 @@
-"""PyTorch → Flax weight conversion (SPEC §7, issue 6), against our PyTorch reference models.
+"""PyTorch → Flax weight conversion, against our PyTorch reference models.
 
 Parity tests feed each model its own input convention: PyTorch caffe-style models get BGR minus
 (104, 117, 123) in NCHW; our models get the RGB image and normalise it themselves
@@ -25,7 +25,7 @@ from torch_reference import caffe_input as _caffe_input
 from torch_reference import random_image as _image
 from torch_reference import rel_err as _rel_err
 
-from daipnet_jax import convert, models
+from daipnet_jax import checkpoints, convert, models
 from daipnet_jax.config import TORCHVISION_MEAN_RGB, TORCHVISION_STD, base_config
 from daipnet_jax.models.layers import normalize
 from daipnet_jax.models.vgg import VGG16
@@ -41,6 +41,10 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy().transpose(0, 2, 3, 1)
 
 
+def _shapes(cfg):
+    return checkpoints.abstract_variables(models.build(cfg), cfg)
+
+
 def _config(variant: str, width: float, align_corners: bool = False):
     cfg = base_config(variant, "coco", width=width)
     cfg.model.align_corners = align_corners
@@ -54,7 +58,7 @@ def _forward(cfg, variables, rgb: np.ndarray):
 
 # ------------------------------------------------------------------ the reference itself
 def test_lrf300_reference_matches_published_parameter_counts():
-    """SPEC §9: official LRF300 COCO = 77,062,496 params in 274 tensors, per-module counts."""
+    """Official LRF300 COCO (docs/design.md, reference counts) = 77,062,496 params in 274 tensors, per-module counts."""
     net = ref.LRF(300, 81)
     sd = net.state_dict()
     assert len(sd) == 274
@@ -95,12 +99,12 @@ def _lrf_parity(size: int, width: float, align_corners: bool, drop_nbt: bool = F
     assert loc.shape == tuple(tloc.shape) and conf.shape == tuple(tconf.shape)
     assert _rel_err(loc, tloc) < TOL
     assert _rel_err(conf, tconf) < TOL
-    # The test can tell the two bilinear formulas apart (SPEC §3.4).
+    # The test can tell the two bilinear formulas apart (docs/design.md, align_corners).
     net.align_corners = not align_corners
     with torch.no_grad():
         _, other = net(_caffe_input(rgb))
     assert _rel_err(conf, other) > 100 * TOL
-    if size == 300 and width == 1.0:  # every official parameter landed somewhere (SPEC §9)
+    if size == 300 and width == 1.0:  # every official parameter landed somewhere
         n = sum(v.size for v in convert.flatten(variables["params"]).values())
         assert n == 77_062_496
 
@@ -242,10 +246,10 @@ def test_merge_vgg_grafts_backbone_only():
     net = ref.randomize(ref.ReducedVGG(width), seed=8)
     cfg = _config("lrf300", width)
     vgg = convert.convert_state_dict("ssd-vgg", net.state_dict_flat(), cfg)
-    shapes = convert.model_shapes(cfg)
+    shapes = _shapes(cfg)
     rng = np.random.default_rng(0)
     init = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
-    merged = convert.merge_vgg(init, vgg)
+    merged = checkpoints.merge_vgg(init, vgg)
     flat_m = convert.flatten(merged["params"])
     flat_i = convert.flatten(init["params"])
     assert flat_m.keys() == flat_i.keys()
@@ -260,8 +264,8 @@ def test_merge_vgg_grafts_backbone_only():
     wide = convert.convert_state_dict(
         "ssd-vgg", ref.ReducedVGG(0.25).state_dict_flat(), _config("lrf300", 0.25)
     )
-    with pytest.raises(convert.ConversionError, match="conv1_1"):
-        convert.merge_vgg(init, wide)
+    with pytest.raises(checkpoints.CheckpointError, match="conv1_1"):
+        checkpoints.merge_vgg(init, wide)
 
 
 # ------------------------------------------------------------------ errors
@@ -269,7 +273,7 @@ def test_merge_vgg_grafts_backbone_only():
 def small_ssd():
     cfg = _config("ssd300", 0.125)
     sd = {k: v.numpy() for k, v in ref.randomize(ref.SSD300(81, 0.125)).state_dict().items()}
-    return cfg, sd, convert.model_shapes(cfg)
+    return cfg, sd, _shapes(cfg)
 
 
 def test_error_truncated(small_ssd):
@@ -362,7 +366,8 @@ def test_cli_round_trip(tmp_path, small_ssd):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / convert.METADATA_FILE).is_file()
-    loaded = convert.load_converted(out, target=shapes)
+    loaded = checkpoints.load_variables(out)
+    checkpoints.check_variables(shapes, loaded)
     direct = convert.convert_state_dict("ssd", sd, cfg, shapes=shapes)
     for col in ("params", "batch_stats"):
         a, b = convert.flatten(loaded[col]), convert.flatten(direct[col])
@@ -374,13 +379,13 @@ def test_cli_round_trip(tmp_path, small_ssd):
     assert meta["model"]["width"] == 0.125 and meta["model"]["align_corners"] is True
     # train.py's config.init.checkpoint path: replace a same-shaped init tree
     init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    merged = convert.merge_checkpoint(init, convert.load_variables(out))
+    merged = checkpoints.merge_checkpoint(init, checkpoints.load_variables(out))
     for col in ("params", "batch_stats"):
         for k, v in convert.flatten(merged[col]).items():
             np.testing.assert_array_equal(v, convert.flatten(direct[col])[k])
     del init["params"]["heads"]["conf5"]
-    with pytest.raises(convert.ConversionError, match="params/heads/conf5"):
-        convert.merge_checkpoint(init, loaded)
-    # a checkpoint for another model is refused on load
-    with pytest.raises(convert.ConversionError, match="shape"):
-        convert.load_converted(out, target=convert.model_shapes(_config("ssd300", 0.25)))
+    with pytest.raises(checkpoints.CheckpointError, match=r"\['params'\]\['heads'\]\['conf5'\]"):
+        checkpoints.merge_checkpoint(init, loaded)
+    # a checkpoint for another model is refused by the restore evaluate.py and predict use
+    with pytest.raises(checkpoints.CheckpointError, match="shape"):
+        checkpoints.restore_variables(_config("ssd300", 0.25), out)

@@ -1,4 +1,4 @@
-"""Augmentation invariants (SPEC §5) over many seeds, against NumPy references."""
+"""Augmentation invariants over many seeds, against NumPy references."""
 
 from __future__ import annotations
 

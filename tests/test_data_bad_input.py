@@ -1,4 +1,4 @@
-"""Bad input (issue 5): each case repaired or skipped, counted and reported; no crash, no NaN."""
+"""Bad input: each case repaired or skipped, counted and reported; no crash, no NaN."""
 
 from __future__ import annotations
 

@@ -204,15 +204,3 @@ def test_two_processes_disjoint_shards(coco_folder_config, coco_folder_data):
             int(i) for e in batches for i, v in zip(e["image_id"], e["valid"], strict=True) if v
         ]
     assert counts == [3, 3] and sorted(ids) == val
-
-
-def test_to_global_single_process():
-    import jax
-    from jax.sharding import Mesh
-
-    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
-    batch = {"image": np.ones((2, 4, 4, 3), np.float32), "mask": np.array([[True], [False]])}
-    out = data.to_global(batch, mesh)
-    assert isinstance(out["image"], jax.Array) and out["image"].shape == (2, 4, 4, 3)
-    np.testing.assert_array_equal(np.asarray(out["mask"]), batch["mask"])
-    assert out["image"].sharding.spec == jax.sharding.PartitionSpec(("data",))

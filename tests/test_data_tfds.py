@@ -1,4 +1,4 @@
-"""tfds sources prepared offline from tiny fake COCO / VOC layout folders (SPEC §9).
+"""tfds sources prepared offline from tiny fake COCO / VOC layout folders.
 
 The tensorflow-datasets wheel ships no fake example data and `tfds.testing.mock_data` fills
 fields independently at random, so the real `coco/2017` and `voc/2007` builders are prepared

@@ -1,4 +1,4 @@
-"""The quick-start recipe (issue 8): `train.optimizer="adam"` and the `demo` config's schedule."""
+"""The quick-start recipe: `train.optimizer="adam"` and the `demo` config's schedule."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from training_support import optax_and_torch_steps
 
+from daipnet_jax import config as config_lib
 from daipnet_jax.config import base_config
 from daipnet_jax.training import schedule as schedule_lib
 
@@ -49,10 +50,10 @@ def test_demo_schedule_fits_its_epochs():
     """demo: 2000 images / batch 8 = 250 steps per epoch → warm-up 62 steps, ×0.1 at step 750,
     875 steps in all; the Table 2 variants keep the paper's recipe (SGD, 6-epoch warm-up)."""
     c = _generated_config("demo")
-    spe = schedule_lib.steps_per_epoch(c, 2000)
+    spe = config_lib.steps_per_epoch(c, 2000)
     assert spe == 250
-    assert schedule_lib.schedule_points(c, spe) == (62, [750])
-    assert schedule_lib.total_steps(c, spe) == 875
+    assert config_lib.schedule_points(c, spe) == (62, [750])
+    assert config_lib.total_steps(c, spe) == 875
     sched = schedule_lib.learning_rate_schedule(c, spe)
     np.testing.assert_allclose(float(sched(62)), 1e-3, rtol=1e-6)
     np.testing.assert_allclose(float(sched(750)), 1e-4, rtol=1e-5)

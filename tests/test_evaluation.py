@@ -1,4 +1,4 @@
-"""COCO (pycocotools) and VOC evaluators on hand-made ground truth (SPEC §6)."""
+"""COCO (pycocotools) and VOC evaluators on hand-made ground truth."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MultiBox loss (SPEC §4) against a plain NumPy loop reference."""
+"""MultiBox loss against a plain NumPy loop reference."""
 
 from __future__ import annotations
 

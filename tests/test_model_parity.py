@@ -1,6 +1,6 @@
 """Numerical parity of our Flax detector with the independent PyTorch reference (Table 2 rows 2–4).
 
-The reference (`tests/torch_reference_daipnet.py`) was written from SPEC §3.2–3.4 and the paper's
+The reference (`tests/torch_reference_daipnet.py`) was written from the paper's Sections 3.1–3.2 and its
 equations, not from our Flax code. Each test random-initialises it (He-normal convs, non-trivial
 BatchNorm running statistics, AFFM ω ≠ 0 so both the auxiliary and the backbone branch of eq. 1
 matter), copies every tensor into our variables with `daipnet_entries` below (a mapping written
@@ -20,7 +20,7 @@ from torch_reference import caffe_input as _caffe_input
 from torch_reference import random_image as _image
 from torch_reference import rel_err as _rel_err
 
-from daipnet_jax import convert, models
+from daipnet_jax import checkpoints, convert, models
 from daipnet_jax.config import base_config
 
 TOL = 1e-4  # relative to the output's largest magnitude
@@ -52,14 +52,7 @@ def daipnet_entries(
     n = 4 if size == 300 else 5
     e = convert.vgg_entries("base.", bgr=True)
     if aux == "lsn":
-        for j in range(3):
-            e += convert.convbn_entries(
-                f"icn1.part_a.{j}", ("aux", "icn1", f"part_a_{j}"), bgr=j == 0
-            )
-        e += convert.convbn_entries("icn1.part_b", ("aux", "icn1", "part_b"))
-        for k in range(2, n):
-            for part in ("part_a", "part_b"):
-                e += convert.convbn_entries(f"icn{k}.{part}", ("aux", f"icn{k}", part))
+        e += convert.lsn_entries(n)
         num_aux = n - 1
     else:
         for i in range(1, 5):
@@ -78,30 +71,18 @@ def daipnet_entries(
             e += convert.convbn_entries(f"affm.level{i}.down", (*lvl, "down"))
         if i <= num_aux:
             e.append(convert.Entry(f"affm.level{i}.omega", "params", (*lvl, "omega")))
-    for j in range(1, n):
-        e += convert.convbn_entries(f"proj{j}", ("topdown", f"proj{j}"))
-    for i in range(1, n):
-        if topdown == "lrf":
-            for name in ("agent", "convert", "merge"):
-                e += convert.convbn_entries(f"{name}{i}", ("topdown", f"{name}{i}"))
-        else:
+    if topdown == "lrf":
+        e += convert.topdown_entries(n, ("proj", "agent", "convert", "merge"))
+    else:
+        e += convert.topdown_entries(n, ("proj",))
+        for i in range(1, n):
             lvl = ("topdown", f"level{i}")
             for fc in ("fc1", "fc2"):
                 e += convert.conv_entries(f"pafm{i}.{fc}", (*lvl, "attention", fc))
             for c in ("c3", "c4", "c5", "c6"):
                 e += convert.convbn_entries(f"pafm{i}.{c}", (*lvl, c))
-    otc = (0, 2) if size == 300 else (0, 2, 4, 6)
-    cbs = (4, 5, 6, 7) if size == 300 else (8, 9)
-    for idx in otc:
-        for j in (0, 1):
-            e += convert.convbn_entries(
-                f"extras.{idx}.single_branch.{j}", ("extras", f"otc{idx}", f"single_branch_{j}")
-            )
-    for idx in cbs:
-        e += convert.convbn_entries(f"extras.{idx}", ("extras", f"cb{idx}"))
-    for kind in ("loc", "conf"):
-        for s in range(num_sources):
-            e += convert.conv_entries(f"{kind}.{s}", ("heads", f"{kind}{s}"))
+    e += convert.lrf_extras_entries(size)
+    e += convert.head_entries(num_sources)
     return e
 
 
@@ -134,7 +115,9 @@ def _parity(size: int, row: tuple[str, str, str], width: float, align_corners: b
     assert (cfg.model.aux, cfg.model.fusion, cfg.model.topdown) == row
     entries = daipnet_entries(size, aux, fusion, topdown, len(cfg.priors.feature_maps))
     sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
-    variables = convert.apply_entries(sd, entries, convert.model_shapes(cfg), fmt="daipnet-test")
+    variables = convert.apply_entries(
+        sd, entries, checkpoints.abstract_variables(models.build(cfg), cfg), fmt="daipnet-test"
+    )
     assert variables["params"]["fusion"]["level1"]["omega"] == pytest.approx(OMEGAS[0])
 
     rgb = _image(size, seed=3)

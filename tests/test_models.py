@@ -1,6 +1,6 @@
-"""Tests of `daipnet_jax.models` (issue 3): layouts, parameter counts, shapes, numerics.
+"""Tests of `daipnet_jax.models`: layouts, parameter counts, shapes, numerics.
 
-Expected values come from independent sources: SPEC §9's measured per-module counts of the
+Expected values come from independent sources: the per-module counts (docs/design.md, reference counts) of the
 official LRF300, hand counts of the official LRF512 / ssd.pytorch SSD300 architectures written out
 below, NumPy / PyTorch references of bilinear resize, pooling, conv + BatchNorm and the PAFM gate.
 Shape and parameter tests trace with `jax.eval_shape` (no compilation); the numeric full-model
@@ -208,7 +208,7 @@ def test_channels_width_rounding():
 
 
 # ----------------------------------------------------------------------------- LRF layout
-# SPEC §9: the official LRF300 COCO model, parameters per top-level module.
+# The official LRF300 COCO model (docs/design.md, reference counts), parameters per top-level module.
 OFFICIAL_LRF300 = {
     "base": 20_483_904, "Norm1": 2_360_320, "Norm2": 9_439_232, "Norm3": 2_360_320,
     "Norm4": 590_336, "icn1": 234_624, "icn2": 559_616, "icn3": 361_728, "dsc1": 4_720_640,

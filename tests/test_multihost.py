@@ -1,4 +1,4 @@
-"""Data parallelism, multi-process training and preemption (issue 9), in subprocesses.
+"""Data parallelism, multi-process training and preemption, in subprocesses.
 
 Every run here trains the stand-in detector of `training_support.py` on the deterministic
 synthetic stream with `train_and_evaluate` (the real loop, sharding, checkpoints), so each
@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from training_support import synthetic_batches, tiny_detector, tiny_train_config
 
-from daipnet_jax.training import load_variables, train_and_evaluate
-from daipnet_jax.training.checkpoint import Checkpointer
+from daipnet_jax.checkpoints import Checkpointer, load_variables
+from daipnet_jax.training import train_and_evaluate
 from daipnet_jax.training.state import init_variables
 
 REPO = Path(__file__).resolve().parents[1]

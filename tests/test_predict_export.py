@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 
 from daipnet_jax import boxes as boxes_lib
+from daipnet_jax.checkpoints import CheckpointError, check_variables
+from daipnet_jax.checkpoints import load_variables as load_checkpoint
 from daipnet_jax.config import base_config
 from daipnet_jax.evaluation import CocoEvaluator, evaluate
-from daipnet_jax.evaluation.loop import CheckpointError, check_variables, load_checkpoint
 from daipnet_jax.predict import (
     InputError,
     collect_images,
@@ -451,7 +452,7 @@ def test_evaluate_cli_end_to_end(tiny):
     # A training workdir (the trainer's Checkpointer layout) with steps 3 and 5: --step 3.
     import optax
 
-    from daipnet_jax.training.checkpoint import Checkpointer
+    from daipnet_jax.checkpoints import Checkpointer
     from daipnet_jax.training.state import create_train_state
 
     workdir = tiny["root"] / "train_run"

@@ -1,4 +1,4 @@
-"""Training (issue 9): schedule, optimiser, config validation, NaN guard, loop, overfitting."""
+"""Training: schedule, optimiser, config validation, NaN guard, loop, overfitting."""
 
 from __future__ import annotations
 
@@ -15,17 +15,19 @@ from training_support import (
     tiny_train_config,
 )
 
-from daipnet_jax.config import base_config
-from daipnet_jax.training import ConfigError, NonFiniteError, load_variables, validate_config
+from daipnet_jax import config as config_lib
+from daipnet_jax.checkpoints import Checkpointer, load_variables
+from daipnet_jax.config import ConfigError, base_config
+from daipnet_jax.training import NonFiniteError
 from daipnet_jax.training import schedule as schedule_lib
-from daipnet_jax.training.checkpoint import Checkpointer
+from daipnet_jax.validate import validate_config
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ schedule
 def recipe_lr(step, *, peak, init, warmup, boundaries, factor=0.1):
-    """The recipe in words (SPEC §6), written independently of schedule.py."""
+    """The recipe in words (paper Section 4.2), written independently of schedule.py."""
     if step < warmup:
         return init + (peak - init) * step / warmup
     lr = peak
@@ -40,11 +42,11 @@ def test_schedule_matches_recipe(dataset):
     c = base_config("daipnet300", dataset)
     c.train.batch_size = 64  # lr scales linearly: 4e-3 · 64/32
     examples = 117_266 if dataset == "coco" else 16_551
-    spe = schedule_lib.steps_per_epoch(c, examples)
+    spe = config_lib.steps_per_epoch(c, examples)
     assert spe == examples // 64
     decay = [90, 120, 140] if dataset == "coco" else [150, 200]
     end = 160 if dataset == "coco" else 250
-    assert schedule_lib.total_steps(c, spe) == end * spe
+    assert config_lib.total_steps(c, spe) == end * spe
     sched = schedule_lib.learning_rate_schedule(c, spe)
     ref = dict(peak=8e-3, init=1e-6, warmup=6 * spe, boundaries=[e * spe for e in decay])
     steps = [0, 1, 3 * spe, 6 * spe - 1, 6 * spe, 50 * spe]
@@ -65,17 +67,17 @@ def test_schedule_switches():
     c.train.batch_size = 8
     c.train.scale_lr_with_batch = False
     c.train.total_steps = 500
-    spe = schedule_lib.steps_per_epoch(c, 800)  # 100 steps per epoch
+    spe = config_lib.steps_per_epoch(c, 800)  # 100 steps per epoch
     assert spe == 100
-    assert schedule_lib.total_steps(c, spe) == 500  # overrides 160 epochs
+    assert config_lib.total_steps(c, spe) == 500  # overrides 160 epochs
     sched = schedule_lib.learning_rate_schedule(c, spe)
     assert float(sched(600)) == pytest.approx(4e-3, rel=1e-6)  # no scaling with batch 8
     assert float(sched(300)) == pytest.approx(1e-6 + (4e-3 - 1e-6) / 2, rel=1e-6)
     c.train.train_examples = 1600  # config override of the epoch size
-    assert schedule_lib.steps_per_epoch(c, 800) == 200
+    assert config_lib.steps_per_epoch(c, 800) == 200
     c.train.batch_size = 4000
     with pytest.raises(ValueError, match="batch_size"):
-        schedule_lib.steps_per_epoch(c, 800)
+        config_lib.steps_per_epoch(c, 800)
 
 
 def test_optimizer_is_pytorch_sgd_with_weight_decay():
@@ -147,23 +149,20 @@ def test_inconsistent_configs_name_key():
 
 def test_cli_refuses_unknown_and_bad_keys(tmp_path):
     """train.py: ml_collections refuses an unknown key; validation a bad value, exit code 2."""
-    base = [sys.executable, "train.py", "--config=configs/generated.py:lrf300"]
-    r = subprocess.run(
-        [*base, f"--workdir={tmp_path}", "--config.train.no_such_key=1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def train(*flags):
+        return subprocess.run(
+            [sys.executable, "train.py", "--config=configs/generated.py:lrf300", *flags],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    r = train(f"--workdir={tmp_path}", "--config.train.no_such_key=1")
     assert r.returncode != 0
     assert "no_such_key" in r.stderr
-    r = subprocess.run(
-        [*base, f"--workdir={tmp_path}", "--config.train.base_lr=-1.0"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = train(f"--workdir={tmp_path}", "--config.train.base_lr=-1.0")
     assert r.returncode == 2, r.stderr[-2000:]
     assert "train.base_lr" in r.stderr
     assert not (tmp_path / "checkpoints").exists()
@@ -273,7 +272,7 @@ def test_daipnet_overfits_generated_images(tmp_path, capsys):
 @pytest.mark.slow
 def test_init_from_converted_vgg(tmp_path):
     """`init.vgg` grafts the converter's saved backbone into a fresh init; the rest is unchanged."""
-    from daipnet_jax import convert, models
+    from daipnet_jax import checkpoints, models
     from daipnet_jax.training.loop import initial_variables
 
     c = base_config("ssd300", "coco", width=0.0625)
@@ -284,7 +283,9 @@ def test_init_from_converted_vgg(tmp_path):
     backbone = jax.tree_util.tree_map(
         lambda x: rng.normal(size=x.shape).astype(np.float32), fresh["params"]["backbone"]
     )
-    convert.save_converted({"params": {"backbone": backbone}}, tmp_path / "vgg", {"format": "t"})
+    checkpoints.save_variables(
+        {"params": {"backbone": backbone}}, tmp_path / "vgg", {"format": "t"}
+    )
     c.init.vgg = str(tmp_path / "vgg")
     merged = initial_variables(c, model, key)
     flat_fresh = dict(jax.tree_util.tree_leaves_with_path(fresh))

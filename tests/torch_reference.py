@@ -1,6 +1,6 @@
 """Compact PyTorch reference models with the exact state-dict key names of each weight source.
 
-Written for the converter tests (SPEC §7) from the published architectures; nothing here is
+Written for the converter tests from the published architectures; nothing here is
 copied from the reference repositories, only their layer shapes and key names are reproduced:
 
 - torchvision VGG-16 (`features.N.*`, `classifier.{0,3,6}.*`): `TorchvisionVGG16`.
@@ -13,7 +13,7 @@ copied from the reference repositories, only their layer shapes and key names ar
 
 Every model takes a `width` factor (channel counts scaled like our Flax model's
 `config.model.width`, see `scaled`) so fast tests can run width-reduced networks, and `LRF`
-takes `align_corners` (SPEC §3.4: the official code ran under PyTorch 0.3.1, whose bilinear
+takes `align_corners` (the official code ran under PyTorch 0.3.1, whose bilinear
 upsample had `align_corners=True` semantics).
 
 Inputs are NCHW in the source's own convention: caffe-style models (ssd.pytorch, LRF) read BGR
@@ -57,7 +57,7 @@ def scaled(c: int, width: float) -> int:
 
 # ------------------------------------------------------------------ VGG
 def vgg_layers(width: float = 1.0, *, reduced_fc: bool = True) -> list[nn.Module]:
-    """VGG-16 layer list (SPEC §2). Indices as in ssd.pytorch / LRF: conv1_1 = 0, conv4_3 = 21,
+    """VGG-16 layer list (reduced fc, as SSD). Indices as in ssd.pytorch / LRF: conv1_1 = 0, conv4_3 = 21,
     ReLU(conv4_3) = 22, conv6 = 31, conv7 = 33, ReLU(conv7) = 34."""
     layers: list[nn.Module] = []
     cin = 3
@@ -113,7 +113,7 @@ class TorchvisionVGG16(nn.Module):
 class ReducedVGG(nn.Module):
     """The reduced-fc VGG as a module list (`N.*` keys, ssd.pytorch `vgg16_reducedfc.pth`).
 
-    `forward` returns (conv4_3 pre-ReLU, conv7 pre-ReLU), the taps E1 and E2 of SPEC §2.
+    `forward` returns (conv4_3 pre-ReLU, conv7 pre-ReLU), the taps E1 and E2.
     """
 
     def __init__(self, width: float = 1.0):
@@ -205,7 +205,7 @@ def _heads(
 
 # ------------------------------------------------------------------ LRF (vaesl/LRF-Net)
 class ConvBlock(nn.Module):
-    """CB / CB− of SPEC §1: conv (no bias) → BatchNorm(eps 1e-5, momentum 0.01) → optional ReLU.
+    """CB / CB− of the paper (Fig. 2): conv (no bias) → BatchNorm(eps 1e-5, momentum 0.01) → optional ReLU.
     Keys `conv.weight`, `bn.{weight,bias,running_mean,running_var,num_batches_tracked}`."""
 
     def __init__(self, cin: int, cout: int, k: int, stride: int = 1, pad: int = 0, relu=True):
@@ -232,7 +232,7 @@ class _Single(nn.Module):
 
 
 class _OneThree(nn.Module):
-    """OTC(a→b) of SPEC §3.1; keys `single_branch.{0,1}`."""
+    """LRF's OTC(a→b) extra block; keys `single_branch.{0,1}`."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
@@ -246,7 +246,7 @@ class _OneThree(nn.Module):
 
 
 class _LSNInit(nn.Module):
-    """LSN level 1 (SPEC §3.2): `part_a.{0,1,2}` (skip), `part_b` (A1)."""
+    """LRF's LSN level 1: `part_a.{0,1,2}` (skip), `part_b` (A1)."""
 
     def __init__(self, cout: int):
         super().__init__()
@@ -315,7 +315,7 @@ def lrf_extras_and_heads(size: int, num_classes: int, w) -> tuple[nn.ModuleList,
 
 
 class LRF(nn.Module):
-    """Official LRF300 / LRF512 (COCO) with the `vaesl/LRF-Net` state-dict keys (SPEC §3).
+    """Official LRF300 / LRF512 (COCO) with the `vaesl/LRF-Net` state-dict keys.
 
     `align_corners`: the bilinear formula of the top-down resize (True = PyTorch 0.3.1
     `F.upsample`, what the released weights were trained with).

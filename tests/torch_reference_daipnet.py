@@ -1,6 +1,6 @@
 """PyTorch reference of the paper's new modules (IPN, AFFM, PAFM) and of every Table 2 row.
 
-Written from SPEC §3.2–3.4 and the paper's equations (`paper/daipnet.txt`, eqs. 1–13), not from
+Written from the paper's Sections 3.1–3.2 and equations 1–13, not from
 our Flax code: it is the independent side of `tests/test_model_parity.py`. The LRF parts (VGG,
 extras, LSN, LRF fusion and top-down, heads) reuse the blocks of `tests/torch_reference.py` with
 the official LRF key names, so `DAIPNetTorch(aux='lsn', fusion='lrf', topdown='lrf')` has exactly
@@ -40,9 +40,9 @@ from torch_reference import (
     vgg_layers,
 )
 
-LEVEL_CHANNELS = (512, 1024, 512, 256, 256)  # C_1..C_5 of the fused levels (SPEC §3.3)
-IPN_CHANNELS = (512, 1024, 512, 256)  # SPEC §3.2
-TOPDOWN_CHANNELS = 128  # T_j (SPEC §3.4)
+LEVEL_CHANNELS = (512, 1024, 512, 256, 256)  # C_1..C_5 of the fused levels (paper Section 3.1.1)
+IPN_CHANNELS = (512, 1024, 512, 256)  # paper Section 3.2
+TOPDOWN_CHANNELS = 128  # T_j (paper Section 3.1.2)
 
 
 def _pool(x: torch.Tensor, padding: int = 0, ceil: bool = False) -> torch.Tensor:
@@ -50,7 +50,7 @@ def _pool(x: torch.Tensor, padding: int = 0, ceil: bool = False) -> torch.Tensor
 
 
 class IPNTorch(nn.Module):
-    """Image pyramid network (SPEC §3.2 `ipn`, eqs. 10–13): image [B,3,S,S] → [L_1..L_4]."""
+    """Image pyramid network (paper Section 3.2, eqs. 10–13): image [B,3,S,S] → [L_1..L_4]."""
 
     def __init__(self, size: int, width: float):
         super().__init__()
@@ -84,7 +84,7 @@ class IPNTorch(nn.Module):
 
 
 class Residual(nn.Sequential):
-    """Bottleneck residual block R of SPEC §3.3: ReLU(x + CB−(1×1)(CB(3×3)(CB(1×1)(x)))).
+    """Bottleneck residual block R of AFFM (paper Section 3.1.1): ReLU(x + CB−(1×1)(CB(3×3)(CB(1×1)(x)))).
 
     [B, c, h, w] → [B, c, h, w]; keys `{0,1,2}.{conv,bn}` (c → c/4 → c/4 → c).
     """
@@ -144,7 +144,7 @@ class PAFMLevelTorch(nn.Module):
 
     def __init__(self, c: int, u: int):
         super().__init__()
-        hidden = max(8, u // 16)  # SPEC choice: reduction 16, at least 8 channels
+        hidden = max(8, u // 16)  # choice: reduction 16, at least 8 channels (docs/design.md)
         self.fc1 = nn.Conv2d(u, hidden, 1)
         self.fc2 = nn.Conv2d(hidden, u, 1)
         self.c3 = ConvBlock(c, c // 2, 1)
@@ -161,7 +161,7 @@ class PAFMLevelTorch(nn.Module):
 
 
 class DAIPNetTorch(nn.Module):
-    """Every Table 2 row of SPEC §3 (`aux` lsn|ipn, `fusion` lrf|affm, `topdown` lrf|pafm).
+    """Every Table 2 row of the paper (`aux` lsn|ipn, `fusion` lrf|affm, `topdown` lrf|pafm).
 
     Input NCHW BGR minus (104, 117, 123); output (loc [B,P,4], conf [B,P,num_classes]).
     `fusion='lrf'` is supported only with `aux='lsn'` (exact LRF).
@@ -190,7 +190,7 @@ class DAIPNetTorch(nn.Module):
         chans = [w(c) for c in LEVEL_CHANNELS[:n]]
         lsn_chans = [512, 1024, 512] if size == 300 else [512, 1024, 512, 256]
         self.base = nn.ModuleList(vgg_layers(width))
-        # ---- auxiliary network (SPEC §3.2)
+        # ---- auxiliary network (paper Section 3.2)
         if aux == "lsn":
             self.icn1 = _LSNInit(w(lsn_chans[0]))
             for i in range(2, len(lsn_chans) + 1):
@@ -199,7 +199,7 @@ class DAIPNetTorch(nn.Module):
         else:
             self.ipn = IPNTorch(size, width)
             num_aux = 4
-        # ---- fusion (SPEC §3.3)
+        # ---- fusion (paper Section 3.1.1)
         if fusion == "lrf":
             for i in range(1, n + 1):
                 c = chans[i - 1]
@@ -211,7 +211,7 @@ class DAIPNetTorch(nn.Module):
             self.ibn2 = _IBN(chans[1])
         else:
             self.affm = AFFMTorch(chans, num_aux)
-        # ---- top-down (SPEC §3.4)
+        # ---- top-down (paper Section 3.1.2)
         t = w(TOPDOWN_CHANNELS)
         for j in range(1, n):
             setattr(self, f"proj{j}", ConvBlock(chans[j], t, 1))
@@ -223,7 +223,7 @@ class DAIPNetTorch(nn.Module):
                 setattr(self, f"merge{i}", ConvBlock(c, c, 3, 1, 1))
             else:
                 setattr(self, f"pafm{i}", PAFMLevelTorch(c, u))
-        # ---- extras (SPEC §3.1), heads (§3.5)
+        # ---- extras and heads (LRF / SSD)
         self.extras, self.loc, self.conf = lrf_extras_and_heads(size, num_classes, w)
 
     def _up(self, x: torch.Tensor, size: int) -> torch.Tensor:

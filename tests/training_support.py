@@ -1,4 +1,4 @@
-"""Test support for tests/test_training.py and tests/test_multihost.py (training, issue 9).
+"""Test support for tests/test_training.py and tests/test_multihost.py (training).
 
 - `TinyDetector`: a small stand-in Flax detector (convs + BatchNorm + SSD-style heads) whose
   outputs match the prior count of a 300 config, so the training machinery (sharding, resume,

@@ -1,5 +1,5 @@
-"""Input pipelines (SPEC §5): sources (generated, COCO-format folder, tfds), SSD augmentation in
-tf.data, per-process sharded batching. See `pipeline` for the batch contract."""
+"""Input pipelines: sources (generated, COCO-format folder, tfds; `sources.SOURCES`), SSD
+augmentation in tf.data, per-process batching. See `pipeline` for the batch contract."""
 
 from daipnet_jax.data.coco_folder import DataStats
 from daipnet_jax.data.pipeline import (
@@ -12,7 +12,6 @@ from daipnet_jax.data.pipeline import (
     make_train_iterator,
     num_examples,
     num_train_examples,
-    to_global,
     train_dataset,
 )
 
@@ -27,6 +26,5 @@ __all__ = [
     "make_train_iterator",
     "num_examples",
     "num_train_examples",
-    "to_global",
     "train_dataset",
 ]

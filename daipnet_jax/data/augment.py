@@ -1,4 +1,4 @@
-"""SSD / RFBNet training augmentation in pure TensorFlow ops (SPEC §5), one testable step each.
+"""SSD / RFBNet training augmentation in pure TensorFlow ops, one testable step each.
 
 Every random draw uses `tf.random.stateless_*` with an explicit seed `[2] int` so a given
 (config.seed, example index) always gives the same augmented example, in any tf.data

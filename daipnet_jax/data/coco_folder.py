@@ -1,4 +1,4 @@
-"""COCO-format folders (an instances JSON + an image directory), read lazily (SPEC §5).
+"""COCO-format folders (an instances JSON + an image directory), read lazily.
 
 The JSON is parsed on the host (small: ~450 MB for COCO train is the worst case, parsed once);
 images travel through tf.data as file paths and are decoded in the pipeline. A cheap validation

@@ -1,4 +1,4 @@
-"""A procedurally generated detection dataset written as a COCO-format folder (SPEC §5).
+"""A procedurally generated detection dataset written as a COCO-format folder.
 
 The quick start and the tests train on it: no download, deterministic by seed, small enough to
 be learnt by a width-0.25 DAIPNet300 on CPU in minutes. Each class is one filled *shape*
@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from daipnet_jax.boxes import iou
 
 SHAPES = ("rectangle", "ellipse", "triangle", "diamond", "cross", "hexagon", "ring", "star")
 FORMAT_VERSION = 1
@@ -108,14 +110,6 @@ def _object_colour(rng: np.random.Generator, bg: np.ndarray) -> tuple[int, int, 
     return tuple(int(v) for v in c)  # type: ignore[return-value]
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union
-
-
 def render_image(
     rng: np.random.Generator, image_size: int, num_classes: int, max_objects: int = 4
 ) -> tuple[np.ndarray, list[tuple[list[float], int]]]:
@@ -134,7 +128,7 @@ def render_image(
             x0 = rng.uniform(0, image_size - w)
             y0 = rng.uniform(0, image_size - h)
             box = np.array([x0, y0, x0 + w, y0 + h])
-            if all(_iou(box, p) <= 0.4 for p in placed):
+            if not placed or iou(np.asarray([box]), np.asarray(placed), xp=np).max() <= 0.4:
                 break
         else:
             continue

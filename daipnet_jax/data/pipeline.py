@@ -1,4 +1,4 @@
-"""tf.data input pipelines: sources → repair → augment → pad → batch → globally sharded arrays.
+"""tf.data input pipelines: source records → repair → augment → pad → batch, per process.
 
 Batch contract (CONTRIBUTING.md; `b` = this process's part of the global batch, `G` =
 `config.data.max_boxes`, `S` = `config.model.image_size`):
@@ -7,184 +7,54 @@ Batch contract (CONTRIBUTING.md; `b` = this process's part of the global batch, 
   `labels [b,G] int32 1..K`, `mask [b,G] bool`;
 - eval: `image`, `image_id [b] int64`, `orig_size [b,2] int32 (h, w)`, `valid [b] bool`.
 
-Sources (`config.data.source`): `generated` (a COCO-format folder written on first use into
-`config.data.data_dir`), `coco_folder` (`data.annotation_file` / `data.image_dir`, and the
-`eval_*` pair), `tfds` (`data.tfds_name` e.g. `coco/2017`, `voc/2007+voc/2012`).
-
-Bad input (SPEC §5, issue 5): missing / undecodable / unsupported image files of a folder are
-skipped at build time (`DataStats`, logged); non-RGB images are converted by
-`decode_image(channels=3)`; boxes are repaired per example by `sanitize` (non-finite → dropped,
-out of range → clipped, zero-area or inverted after clipping → dropped); crowd (and VOC
-difficult) boxes are dropped from training targets; training examples left with no box are
-skipped. These per-example counts ride through tf.data as cumulative counters and are exposed
-as `TrainIterator.stats` with the truncation and fallback counts, for the trainer to log. A
-decode failure that the header check could not see (e.g. a truncated JPEG) is dropped by
-`ignore_errors` (logged by tf.data) instead of crashing the epoch.
-
-Determinism: per-example seeds are `[config.seed, i · process_count + process_index]` with `i`
-the example's position in this process's endless stream, so a given seed gives the same batches
-whatever the parallelism (`deterministic` tf.data options).
+Bad input is repaired or skipped and counted, never fatal: unreadable folder files are dropped
+at build time (`DataStats`), boxes are repaired by `sanitize`, crowd boxes and examples left
+without boxes are skipped, undecodable images are dropped by `ignore_errors`; the counts are
+`TrainIterator.stats`. Per-example seeds `[seed, i · process_count + process_index]` make the
+batches independent of the parallelism.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from daipnet_jax import config as config_lib
 from daipnet_jax.data import augment as aug
-from daipnet_jax.data import coco_folder, generated, tfds_sources
+from daipnet_jax.data import sources
 
 # Cumulative per-example counters carried by the `_cum` field (see `sanitize`).
 COUNTERS = ("examples", "skipped_no_boxes", "crowd_boxes", "clipped_boxes", "invalid_boxes")
 
 
 # ------------------------------------------------------------------------------ sources
-def _generated_dir(config) -> str:
-    """The generated dataset's folder, written with the `data.generated_*` parameters if missing.
-
-    choice: an existing generated folder (e.g. written by the CLI with another seed) is used as
-    it is, never overwritten; a parameter mismatch is logged.
-    """
-    d = config.data.data_dir or os.path.join(
-        os.path.expanduser("~"), ".cache", "daipnet_jax", "generated"
-    )
-    meta = os.path.join(d, "meta.json")
-    if os.path.exists(meta):
-        written = coco_folder.load_json(meta)
-        wanted = dict(
-            num_train=config.data.generated_num_train,
-            num_val=config.data.generated_num_val,
-            num_classes=config.data.generated_num_classes,
-            image_size=config.data.generated_image_size,
-        )
-        if any(written.get(k) != v for k, v in wanted.items()):
-            logging.warning(
-                "generated dataset %s was written with %s; config asks %s", d, written, wanted
-            )
-        return d
-    generated.write_dataset(
-        d,
-        num_train=config.data.generated_num_train,
-        num_val=config.data.generated_num_val,
-        num_classes=config.data.generated_num_classes,
-        image_size=config.data.generated_image_size,
-        seed=config.data.get("generated_seed", 0),
-    )
-    return d
-
-
-def _folder_files(config, split: str) -> tuple[str, str]:
-    """(annotation JSON, image dir) of a folder source for split 'train' | 'eval'."""
-    src = config.data.source
-    if src == "generated":
-        d = _generated_dir(config)
-        name = "train" if split == "train" else "val"
-        return os.path.join(d, f"instances_{name}.json"), os.path.join(d, "images", name)
-    if src == "coco_folder":
-        if split == "train":
-            return config.data.annotation_file, config.data.image_dir
-        return config.data.eval_annotation_file, config.data.eval_image_dir
-    raise ValueError(f"{src!r} is not a folder source")
-
-
-@functools.lru_cache(maxsize=16)
-def _load_folder(
-    annotation_file: str, image_dir: str, category_ids: tuple[int, ...], validate: bool
-):
-    return coco_folder.load_folder(
-        annotation_file, image_dir, category_ids=list(category_ids), validate=validate
-    )
-
-
 def label_map(config) -> tuple[list[int], list[str]]:
     """(category_ids, names): label k ∈ 1..K is category `category_ids[k-1]`, named `names[k-1]`."""
-    if config.data.source == "tfds":
-        return tfds_sources.label_map(config.data.tfds_name)
-    ann, _ = _folder_files(config, "train")
-    if not ann:
-        ann, _ = _folder_files(config, "eval")
-    return coco_folder.categories(coco_folder.load_json(ann))
-
-
-def folder_records(config, split: str) -> coco_folder.FolderRecords:
-    """Validated records of a folder source (cached per file)."""
-    ann, img_dir = _folder_files(config, split)
-    if not ann:
-        raise ValueError(
-            f"config.data: no annotation file for the {split} split of {config.data.source}"
-        )
-    ids, _ = label_map(config)
-    return _load_folder(ann, img_dir, tuple(ids), bool(config.data.get("validate_files", True)))
-
-
-def _split_name(config, split: str) -> str:
-    return config.data.train_split if split == "train" else config.data.eval_split
+    return sources.get(config).label_map(config)
 
 
 def num_examples(config, split: str = "train") -> int:
     """Examples in the whole split (all processes; folder files that failed validation excluded)."""
-    if config.data.source == "tfds":
-        return tfds_sources.num_examples(
-            config.data.tfds_name,
-            _split_name(config, split),
-            config.data.data_dir,
-            first_only=split != "train",
-        )
-    return len(folder_records(config, split).paths)
+    return sources.get(config).num_examples(config, split)
 
 
 def num_train_examples(config) -> int:
     """The epoch size for epoch-based schedules (`config.train.train_examples` when > 0)."""
-    if config.train.get("train_examples", -1) > 0:
-        return int(config.train.train_examples)
-    return num_examples(config, "train")
+    return config_lib.epoch_size(config, lambda: num_examples(config, "train"))
 
 
 def eval_ground_truth(config) -> dict[str, Any]:
     """The evaluation split's ground truth as a COCO-format dict (crowd boxes kept)."""
-    if config.data.source == "tfds":
-        return tfds_sources.ground_truth(
-            config.data.tfds_name, config.data.eval_split, config.data.data_dir
-        )
-    ann, _ = _folder_files(config, "eval")
-    return coco_folder.ground_truth(ann, folder_records(config, "eval"))
-
-
-def _folder_dataset(rec: coco_folder.FolderRecords) -> tf.data.Dataset:
-    lengths = rec.counts.astype(np.int64)
-    return tf.data.Dataset.from_tensor_slices(
-        dict(
-            path=tf.constant(rec.paths.astype(str), tf.string),
-            boxes=tf.RaggedTensor.from_row_lengths(rec.boxes, lengths),
-            labels=tf.RaggedTensor.from_row_lengths(rec.labels, lengths),
-            crowd=tf.RaggedTensor.from_row_lengths(rec.crowd, lengths),
-            image_id=rec.image_ids,
-        )
-    )
+    return sources.get(config).ground_truth(config)
 
 
 def records(config, split: str, process_index: int, process_count: int, shuffle_seed: int | None):
-    """This process's shard of `split` as record dicts and the shard's size."""
-    if config.data.source == "tfds":
-        ds = tfds_sources.records(
-            config.data.tfds_name,
-            _split_name(config, split),
-            config.data.data_dir,
-            process_index=process_index,
-            process_count=process_count,
-            shuffle_seed=shuffle_seed,
-            first_only=split != "train",
-        )
-        ds = ds.map(lambda r: {k: v for k, v in r.items() if k != "area"})
-        return ds, None
-    rec = folder_records(config, split).shard(process_index, process_count)
-    return _folder_dataset(rec), len(rec.paths)
+    """This process's shard of `split` as record dicts and the shard's size (None if unknown)."""
+    return sources.get(config).records(config, split, process_index, process_count, shuffle_seed)
 
 
 # ------------------------------------------------------------------------------ per example
@@ -438,9 +308,8 @@ def make_train_iterator(
     """This process's endless, shuffled, augmented training batches of
     `config.train.batch_size // process_count` examples (see the module docstring)."""
     pi, pc = _process(process_index, process_count)
-    build = None
-    if config.data.source != "tfds":
-        build = folder_records(config, "train").stats
+    build = sources.get(config).build_stats(config, "train")
+    if build is not None:
         logging.info(build.report("train"))
     ds = train_dataset(config, pi, pc)
     return TrainIterator(ds, num_train_examples(config), build)
@@ -452,25 +321,8 @@ def make_eval_iterator(
     """This process's evaluation batches of `config.train.eval_batch_size // process_count`,
     the last ones padded with `valid=False` examples."""
     pi, pc = _process(process_index, process_count)
-    if config.data.source != "tfds":
-        logging.info(folder_records(config, "eval").stats.report("eval"))
+    build = sources.get(config).build_stats(config, "eval")
+    if build is not None:
+        logging.info(build.report("eval"))
     ds, nb = eval_dataset(config, pi, pc)
     return EvalIterator(ds, nb)
-
-
-def to_global(batch: Mapping[str, np.ndarray], mesh_or_sharding: Any) -> dict[str, Any]:
-    """Process-local batch → global `jax.Array`s sharded along the batch axis.
-
-    `mesh_or_sharding`: a `jax.sharding.Mesh` (the batch axis is split over all its axes) or a
-    `jax.sharding.Sharding` used for every field. Global batch = local batch × process count.
-    """
-    import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    if isinstance(mesh_or_sharding, Mesh):
-        sharding = NamedSharding(mesh_or_sharding, PartitionSpec(mesh_or_sharding.axis_names))
-    else:
-        sharding = mesh_or_sharding
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-    }

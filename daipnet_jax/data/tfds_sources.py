@@ -1,5 +1,5 @@
 """tfds sources: `coco/2017`, `coco/2014`, `voc/2007`, `voc/2012` and unions such as
-`voc/2007+voc/2012` (SPEC §5, §9).
+`voc/2007+voc/2012`.
 
 Examples are read with the image left encoded (`tfds.decode.SkipDecoding`) and decoded by the
 shared pipeline, so every source goes through the same decode / augment code. Labels become

@@ -1,4 +1,4 @@
-"""Evaluation: COCO (pycocotools) and VOC evaluators and the batched evaluation loop (SPEC §6).
+"""Evaluation: COCO (pycocotools) and VOC evaluators and the batched evaluation loop.
 
 - `CocoEvaluator`: detections → COCO results JSON (absolute [x, y, w, h], real category ids) →
   the 12 standard COCOeval numbers + a per-class AP table; test-dev mode writes only the
@@ -6,10 +6,9 @@
 - `VocEvaluator`: VOC07 11-point and area-based mAP, difficult objects ignored.
 - `evaluate(config, variables, batches, evaluator, ...)`: the jitted, data-parallel loop;
   `run_evaluation(config, variables, workdir=..., step=...)` on the data package's eval split;
-  `evaluate_during_training(config, variables, step)`: the hook `training.loop` calls.
+  `evaluate_during_training(config, variables, step)`: the `eval_fn` `train.py` hands to the
+  train loop.
 - `make_evaluator(config, ground_truth)`: COCO or VOC by the config's dataset.
-- `restore_variables(config, path, step)`: a checkpoint (training workdir or converted
-  directory) checked against the configured model.
 """
 
 from __future__ import annotations
@@ -27,14 +26,11 @@ from daipnet_jax.evaluation.coco import (
     label_to_category_table,
 )
 from daipnet_jax.evaluation.loop import (
-    CheckpointError,
     evaluate,
     evaluate_during_training,
-    load_checkpoint,
     make_eval_step,
     make_evaluator_for,
     make_predict_fn,
-    restore_variables,
     run_evaluation,
     write_metrics,
 )
@@ -42,7 +38,7 @@ from daipnet_jax.evaluation.voc import VocEvaluator, voc_ap
 
 
 def metric_kind(config: ml_collections.ConfigDict) -> str:
-    """`voc` (VOC07 mAP) for VOC data, `coco` (pycocotools) otherwise (SPEC §6).
+    """`voc` (VOC07 mAP) for VOC data, `coco` (pycocotools) otherwise.
 
     choice: decided by `config.eval_metric` when the key exists, else by the data source name.
     """
@@ -79,20 +75,17 @@ def make_evaluator(
 
 __all__ = [
     "COCO_METRIC_NAMES",
-    "CheckpointError",
     "CocoEvaluator",
     "VocEvaluator",
     "evaluate",
     "evaluate_during_training",
     "format_table",
     "label_to_category_table",
-    "load_checkpoint",
     "make_eval_step",
     "make_evaluator",
     "make_evaluator_for",
     "make_predict_fn",
     "metric_kind",
-    "restore_variables",
     "run_evaluation",
     "voc_ap",
     "write_metrics",

@@ -1,16 +1,9 @@
-"""The batched evaluation loop, shared by `evaluate.py` and periodic evaluation in training.
+"""The batched evaluation loop of `evaluate.py` and of the `eval_fn` `train.py` passes to
+training (`evaluate_during_training`).
 
-`evaluate(config, variables, batches, evaluator, ...)`:
-- one jitted function per (model, config): forward (train=False) + `postprocess.detect`
-  (SPEC §6), static shapes, no host round trips inside;
-- data parallel over every device: batch axis split over a 1-D `data` mesh with
-  `NamedSharding` when the global batch divides the device count, replicated otherwise;
-- the host accumulates the fixed-size detections of batch n while batch n+1 runs (async
-  dispatch: the next step is enqueued before `device_get` of the previous one);
-- progress with throughput and ETA printed by the first process;
-- metrics (the evaluator's numbers, per-class table included) written as JSON to
-  `WORKDIR/eval/metrics.json` and `WORKDIR/eval/metrics_<step>.json`, and the scalar numbers to
-  TensorBoard via `clu.metric_writers` under `eval/`.
+One jitted forward + `postprocess.detect` (static shapes), data parallel over the mesh when the
+batch divides the devices; the host accumulates batch n while batch n+1 runs. Metrics go to
+`WORKDIR/eval/metrics.json`, `metrics_<step>.json` and TensorBoard under `eval/`.
 """
 
 from __future__ import annotations
@@ -20,36 +13,24 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from daipnet_jax import boxes as boxes_lib
-from daipnet_jax import postprocess
+from daipnet_jax import postprocess, sharding
+from daipnet_jax.evaluation.coco import CocoEvaluator
+from daipnet_jax.evaluation.voc import VocEvaluator
 
 Detections = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 
-class Evaluator(Protocol):
-    def add_batch(
-        self,
-        boxes: np.ndarray,
-        scores: np.ndarray,
-        classes: np.ndarray,
-        valid: np.ndarray,
-        image_ids: np.ndarray,
-        orig_sizes: np.ndarray,
-        example_valid: np.ndarray | None = None,
-    ) -> None: ...
-
-    def evaluate(self) -> dict[str, Any]: ...
+Evaluator = CocoEvaluator | VocEvaluator  # `add_batch(...)`, then `evaluate()`
 
 
 def detect_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -96,11 +77,11 @@ def make_eval_step(
     configuration matter, logged once.
     """
     predict = make_predict_fn(config, model)
-    mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("data",))
+    mesh = mesh if mesh is not None else sharding.make_mesh()
     n = mesh.devices.size
-    replicated = NamedSharding(mesh, P())
+    replicated = sharding.replicated(mesh)
     if batch_size % n == 0:
-        data = NamedSharding(mesh, P("data"))
+        data = sharding.batch_sharding(mesh)
     else:
         logging.warning(
             "eval batch %d does not divide %d devices: running replicated", batch_size, n
@@ -137,25 +118,12 @@ def evaluate(
     eval_step: Callable[[Any, Any], Detections] | None = None,
     log_every_seconds: float = 30.0,
 ) -> dict[str, Any]:
-    """Runs the model over `batches`, accumulates detections in `evaluator`, returns its metrics.
+    """Run the model over `batches`, accumulate detections in `evaluator`, return its metrics
+    plus `num_images`, `seconds` and `images_per_s`.
 
-    Args:
-      config: the full config (model, priors, postprocess).
-      variables: {'params', 'batch_stats'} (host or device arrays).
-      batches: eval batches (data contract): `image [b,S,S,3] f32`, `image_id [b]`,
-        `orig_size [b,2] (h, w)`, `valid [b]`; all of the same size b. With several processes,
-        each yields its own slice and b is the per-process size.
-      evaluator: `CocoEvaluator` or `VocEvaluator` (anything with add_batch/evaluate).
-      model: the flax module (default `models.build(config)`).
-      workdir: where to write `eval/metrics.json`, `eval/metrics_<step>.json`, the results JSON
-        (COCO) and TensorBoard scalars; None writes nothing.
-      step: the training step the numbers belong to (TensorBoard x-axis, file names).
-      num_batches: for the ETA (default `len(batches)` when it exists).
-      writer: a `clu.metric_writers` writer (default: one on `workdir`).
-      eval_step: a prepared `make_eval_step(...)` (training reuses it across evaluations).
-    Returns:
-      the evaluator's metrics plus `num_images`, `seconds` (wall time of the inference loop,
-      first-call compilation included) and `images_per_s`.
+    batches: eval batches (`image [b,S,S,3] f32`, `image_id [b]`, `orig_size [b,2]`,
+    `valid [b]`), this process's slice; `workdir`: where to write the metrics (None: nowhere);
+    `eval_step`: a prepared `make_eval_step(...)` (reused across evaluations in training).
     """
     if model is None:
         from daipnet_jax import models
@@ -163,9 +131,8 @@ def evaluate(
         model = models.build(config)
     if num_batches is None and hasattr(batches, "__len__"):
         num_batches = len(batches)  # type: ignore[arg-type]
-    variables = jax.device_put(
-        variables, NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P())
-    )
+    mesh = sharding.make_mesh()
+    variables = jax.device_put(variables, sharding.replicated(mesh))
     start = time.perf_counter()
     last_log = start
     pending: tuple[Detections, Mapping[str, Any]] | None = None
@@ -192,16 +159,13 @@ def evaluate(
         evaluator.add_batch(boxes, scores, classes, valid, ids, sizes, ex_valid)
         return int(np.sum(ex_valid))
 
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
     for batch in batches:
         local = np.asarray(batch["image"], np.float32)
         if eval_step is None:
             global_b = local.shape[0] * jax.process_count()
             eval_step = make_eval_step(config, model, global_b, mesh)
         if jax.process_count() > 1:
-            sharding = NamedSharding(mesh, P("data"))
-            global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-            images_in: Any = jax.make_array_from_process_local_data(sharding, local, global_shape)
+            images_in: Any = sharding.global_batch({"image": local}, mesh)["image"]
         else:
             images_in = local
         out = eval_step(variables, images_in)  # async: runs while the host consumes `pending`
@@ -285,111 +249,6 @@ def write_metrics(
     return path
 
 
-# ------------------------------------------------------------------ checkpoints
-class CheckpointError(ValueError):
-    """A checkpoint that is missing or does not fit the configured model."""
-
-
-def _is_training_dir(path: Path) -> bool:
-    if (path / "checkpoints").is_dir():
-        return True
-    return any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
-
-
-def _load_pytree_dir(path: Path) -> dict[str, Any]:
-    """A single orbax pytree checkpoint (the converter's StandardSave) as host numpy arrays."""
-    import orbax.checkpoint as ocp
-
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(path)
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return dict(
-        ckptr.restore(path, args=ocp.args.PyTreeRestore(item=None, restore_args=restore_args))
-    )
-
-
-def load_checkpoint(path: str, step: int | None = None) -> dict[str, Any]:
-    """{'params', 'batch_stats'} from a training workdir (`WORKDIR/checkpoints/<step>`, latest
-    or `step`) or from a single converted checkpoint directory (`python -m daipnet_jax.convert`).
-
-    Raises CheckpointError with the path when nothing loadable is there.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint path {path!r} does not exist")
-    if not p.is_dir():
-        raise CheckpointError(f"checkpoint path {path!r} is a file; expected an orbax directory")
-    try:
-        if _is_training_dir(p):
-            from daipnet_jax.training.checkpoint import load_variables
-
-            return load_variables(p, step)
-        if step is not None:
-            raise CheckpointError(
-                f"--step given but {path!r} is a single checkpoint, not a workdir"
-            )
-        tree = _load_pytree_dir(p)
-    except CheckpointError:
-        raise
-    except FileNotFoundError as e:
-        raise CheckpointError(f"no checkpoint found at {path!r}: {e}") from e
-    except Exception as e:  # orbax raises assorted errors on non-checkpoint folders
-        raise CheckpointError(f"cannot read an orbax checkpoint at {path!r}: {e}") from e
-    if "params" not in tree:
-        raise CheckpointError(
-            f"checkpoint {path!r} has no 'params' (top-level keys: {sorted(tree)})"
-        )
-    return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}
-
-
-def check_variables(expected: Any, got: Any, source: str = "checkpoint") -> None:
-    """Raises CheckpointError naming the first missing / unexpected / mis-shaped entry."""
-
-    def flat(tree: Any) -> dict[str, tuple[int, ...]]:
-        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in leaves}
-
-    want, have = flat(expected), flat(got)
-    for k, shape in want.items():
-        if k not in have:
-            raise CheckpointError(f"{source} does not fit the model: missing {k} (shape {shape})")
-        if have[k] != shape:
-            raise CheckpointError(
-                f"{source} does not fit the model: {k} has shape {have[k]}, the model expects "
-                f"{shape} (wrong model.width / num_classes / variant?)"
-            )
-    for k in have:
-        if k not in want:
-            raise CheckpointError(f"{source} does not fit the model: unexpected entry {k}")
-
-
-def abstract_variables(config: ml_collections.ConfigDict, model: Any) -> Any:
-    """Shapes of {'params', 'batch_stats'} of `model` at the config's input size (no compute)."""
-    s = int(config.model.image_size)
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3)), train=False)
-    )
-    return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
-
-
-def restore_variables(
-    config: ml_collections.ConfigDict,
-    path: str,
-    step: int | None = None,
-    model: Any = None,
-) -> dict[str, Any]:
-    """`load_checkpoint` + `check_variables` against `models.build(config)`."""
-    if model is None:
-        from daipnet_jax import models
-
-        model = models.build(config)
-    variables = load_checkpoint(path, step)
-    check_variables(abstract_variables(config, model), variables, f"checkpoint {path!r}")
-    return variables
-
-
 # ------------------------------------------------------------------ entry points
 def make_evaluator_for(
     config: ml_collections.ConfigDict,
@@ -440,9 +299,9 @@ _TRAINING_CACHE: dict[str, tuple[Any, ...]] = {}
 def evaluate_during_training(
     config: ml_collections.ConfigDict, variables: Any, step: int
 ) -> dict[str, float]:
-    """The hook `training.loop` calls for periodic / final evaluation: scalar metrics only
-    (the trainer writes them to TensorBoard under `eval/`). The model, the jitted step and the
-    data iterator and the ground truth are built once per config and reused."""
+    """The `eval_fn` that `train.py` passes to the train loop: scalar metrics only (the trainer
+    writes them to TensorBoard under `eval/`). The model, the jitted step, the data iterator
+    and the ground truth are built once per config and reused."""
     key = config.to_json_best_effort()
     if key not in _TRAINING_CACHE:
         from daipnet_jax import data, models

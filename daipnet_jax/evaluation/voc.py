@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from daipnet_jax import boxes as boxes_lib
+
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> float:
     """AP from the recall/precision curves ([N] each, in detection order).
@@ -49,19 +51,6 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> fl
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]
     idx = np.nonzero(mrec[1:] != mrec[:-1])[0]
     return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
-
-
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one corner box [4] with [G, 4] (continuous coordinates)."""
-    ix1 = np.maximum(boxes[:, 0], box[0])
-    iy1 = np.maximum(boxes[:, 1], box[1])
-    ix2 = np.minimum(boxes[:, 2], box[2])
-    iy2 = np.minimum(boxes[:, 3], box[3])
-    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area + areas - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
 class VocEvaluator:
@@ -197,7 +186,7 @@ class VocEvaluator:
                 fp[n] = 1
                 continue
             gboxes, gdiff = gt[image_id]
-            ious = _iou(box, gboxes)
+            ious = boxes_lib.iou(box[None], gboxes, xp=np)[0]
             j = int(np.argmax(ious))
             if ious[j] > self.iou_threshold:
                 if gdiff[j]:

@@ -12,9 +12,9 @@ from typing import Any
 import flax.linen as nn
 
 from daipnet_jax.config import anchors_per_location
-from daipnet_jax.models.detector import Detector, ModelSpec, official_lrf_modules
+from daipnet_jax.models.detector import SWITCHES, Detector, ModelSpec, official_lrf_modules
 
-__all__ = ["Detector", "ModelSpec", "build", "model_spec", "official_lrf_modules"]
+__all__ = ["SWITCHES", "Detector", "ModelSpec", "build", "model_spec", "official_lrf_modules"]
 
 
 def model_spec(config: Any) -> ModelSpec:

@@ -75,6 +75,15 @@ FAMILIES = ("ssd", "lrf")
 AUX = ("lsn", "ipn")
 FUSION = ("lrf", "affm")
 TOPDOWN = ("lrf", "pafm")
+# The allowed values of every model switch: `ModelSpec` and config validation read this table.
+SWITCHES: dict[str, tuple[object, ...]] = {
+    "family": FAMILIES,
+    "aux": AUX,
+    "fusion": FUSION,
+    "topdown": TOPDOWN,
+    "image_size": (300, 512),
+    "dtype": ("float32", "bfloat16"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,14 +105,8 @@ class ModelSpec:
     feature_maps: tuple[int, ...] = (38, 19, 10, 5, 3, 1)
 
     def __post_init__(self) -> None:
-        checks = [
-            ("family", self.family, FAMILIES),
-            ("aux", self.aux, AUX),
-            ("fusion", self.fusion, FUSION),
-            ("topdown", self.topdown, TOPDOWN),
-            ("image_size", self.image_size, (300, 512)),
-        ]
-        for key, value, allowed in checks:
+        for key, allowed in SWITCHES.items():
+            value = getattr(self, key)
             if value not in allowed:
                 raise ValueError(f"model.{key}={value!r}: expected one of {allowed}")
         if len(self.anchors) != len(self.feature_maps):

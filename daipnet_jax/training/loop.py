@@ -1,26 +1,15 @@
-"""The train loop: `train_and_evaluate(config, workdir)` (issue 9; SPEC §6).
+"""The train loop: `train_and_evaluate(config, workdir, eval_fn=...)`.
 
-Order of work: validate the config (before anything is built or compiled), build the mesh,
-model, priors, schedule and optimiser; initialise (from converted VGG-16 weights when
-`config.init.vgg` names them, else from scratch) or resume from `WORKDIR/checkpoints`; then
-run the jitted data-parallel step until `total_steps`, with metrics, progress, periodic and
-final checkpoints and evaluation.
+Validate the config, build mesh, model, priors, schedule and optimiser, initialise (or resume
+from `WORKDIR/checkpoints`), then run the jitted step until `total_steps` on batches moved to
+the devices ahead of time (`sharding.DevicePrefetch`), with metrics, checkpoints and the
+caller's `eval_fn` (`train.py` passes the evaluation package's; training never imports it).
 
-Resume is exact: the checkpoint stores the number of batches consumed (`data_position`); a
-resumed run rebuilds the deterministic input pipeline and skips that many batches (or passes the
-position to the pipeline when it accepts a `start_batch` argument), so an interrupted and an
-uninterrupted run see the same batches and reach the same parameters.
-
-Stopping: SIGTERM (preemption) or `train.max_train_seconds` saves a checkpoint and returns
-normally; with several processes the stop request is agreed on (all-gathered) at log steps so
-every process saves the same step. A non-finite loss or gradient (NaN guard, see `step.py`)
-raises `NonFiniteError` naming the step and term, without saving; the last good checkpoint
-stays the latest.
-
-Metrics (clu metric writers: TensorBoard in WORKDIR and the log): `loss`, `loc`, `conf`,
-`pos_per_image`, `lr`, `grad_norm`, `images_per_sec`, `step_time` (s), `data_wait` (s per step)
-averaged over each log window; a progress line on stdout with the ETA computed from training
-time only (the clock pauses during evaluation and checkpointing).
+Resume is exact: the checkpoint stores the batches consumed and a resumed run skips that many
+of the deterministic stream. SIGTERM or `train.max_train_seconds` saves and returns (agreed
+across processes at log steps). A non-finite loss or gradient raises `NonFiniteError` naming
+step and term without saving. Metrics per log window: `loss`, `loc`, `conf`, `pos_per_image`,
+`lr`, `grad_norm`, `images_per_sec`, `step_time`, `data_wait`; the ETA counts training time only.
 """
 
 from __future__ import annotations
@@ -41,11 +30,13 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from daipnet_jax.training import checkpoint as ckpt_lib
+from daipnet_jax import boxes as boxes_lib
+from daipnet_jax import checkpoints, models, sharding
+from daipnet_jax import config as config_lib
 from daipnet_jax.training import schedule as schedule_lib
 from daipnet_jax.training import state as state_lib
 from daipnet_jax.training import step as step_lib
-from daipnet_jax.training.validate import validate_config
+from daipnet_jax.validate import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +78,18 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
-def num_train_examples(config: ml_collections.ConfigDict) -> int:
-    """Epoch size: `train.train_examples` if > 0, else asked of the data package."""
-    if config.train.train_examples > 0:
-        return int(config.train.train_examples)
-    from daipnet_jax import data
-
-    return int(data.num_train_examples(config))
-
-
 def _default_train_iter(
     config: ml_collections.ConfigDict, process_index: int, process_count: int
 ) -> Iterator[dict[str, Any]]:
-    from daipnet_jax import data
+    from daipnet_jax import data  # tf.data only when the package's pipeline is used
 
     return data.make_train_iterator(config, process_index, process_count)
+
+
+def _source_examples(config: ml_collections.ConfigDict) -> int:
+    from daipnet_jax import data
+
+    return data.num_examples(config, "train")
 
 
 def _positioned_iter(
@@ -130,39 +118,19 @@ class _Skipped(Iterator[dict[str, Any]]):
         return next(self._it)
 
 
-def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-    from daipnet_jax import models
-
-    return models.build(config)
-
-
 def initial_variables(
     config: ml_collections.ConfigDict, model: nn.Module, rng: jax.Array
 ) -> dict[str, Any]:
     """From scratch, then overwritten by converted VGG-16 weights when `config.init.vgg` is set
     (or by a full converted checkpoint with `config.init.checkpoint`)."""
     variables = state_lib.init_variables(model, config, rng)
-    if config.init.vgg or config.init.checkpoint:
-        from daipnet_jax import convert
-
-        if config.init.vgg:
-            vgg = convert.load_variables(config.init.vgg)
-            variables = convert.merge_vgg(variables, vgg)
-        else:
-            variables = convert.merge_checkpoint(
-                variables, convert.load_variables(config.init.checkpoint)
-            )
+    if config.init.vgg:
+        vgg = checkpoints.load_variables(config.init.vgg)
+        variables = checkpoints.merge_vgg(variables, vgg)
+    elif config.init.checkpoint:
+        loaded = checkpoints.load_variables(config.init.checkpoint)
+        variables = checkpoints.merge_checkpoint(variables, loaded)
     return jax.tree_util.tree_map(np.asarray, variables)
-
-
-def _put_replicated(tree: Any, sharding: jax.sharding.NamedSharding) -> Any:
-    """Host arrays (identical on every process) → replicated global `jax.Array`s."""
-
-    def put(x: Any) -> jax.Array:
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-    return jax.tree_util.tree_map(put, tree)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -182,10 +150,10 @@ def train_and_evaluate(
 ) -> state_lib.TrainState:
     """Train `config` in `workdir` (resuming from its checkpoints) and return the final state.
 
-    `model`, `train_iter_fn(config, process_index, process_count)` (local batches, see
-    CONTRIBUTING) and `eval_fn(config, variables, step) -> metrics` default to the package's
-    `models.build`, `data.make_train_iterator` and evaluator; they are parameters so that
-    experiments and tests can swap them.
+    `model` and `train_iter_fn(config, process_index, process_count)` (local batches, see
+    CONTRIBUTING) default to `models.build` and `data.make_train_iterator`;
+    `eval_fn(config, variables, step) -> metrics` runs every `train.eval_every_steps` and at the
+    end (None: no evaluation).
     """
     validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
     workdir_p = Path(workdir)
@@ -193,21 +161,19 @@ def train_and_evaluate(
     t = config.train
     is_chief = jax.process_index() == 0
 
-    mesh = step_lib.make_mesh()
-    rep = step_lib.replicated(mesh)
-    model = build_model(config) if model is None else model
-    from daipnet_jax import boxes as boxes_lib
-
+    mesh = sharding.make_mesh()
+    rep = sharding.replicated(mesh)
+    model = models.build(config) if model is None else model
     priors = boxes_lib.prior_boxes(config)
-    spe = schedule_lib.steps_per_epoch(config, num_train_examples(config))
-    total = schedule_lib.total_steps(config, spe)
+    spe = config_lib.steps_per_epoch(config, lambda: _source_examples(config))
+    total = config_lib.total_steps(config, spe)
     schedule = schedule_lib.learning_rate_schedule(config, spe)
     tx = schedule_lib.make_optimizer(config, schedule)
 
     rng = jax.random.PRNGKey(int(config.seed))
     init_rng, state_rng = jax.random.split(rng)
     # Shapes only: the real initial state is made below unless a checkpoint exists.
-    abstract_vars = state_lib.abstract_variables(model, config)
+    abstract_vars = checkpoints.abstract_variables(model, config)
     abstract_state = jax.eval_shape(
         lambda v, r: state_lib.create_train_state(v, tx, r), abstract_vars, state_rng
     )
@@ -215,8 +181,8 @@ def train_and_evaluate(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract_state
     )
 
-    checkpointer = ckpt_lib.Checkpointer(
-        workdir_p / ckpt_lib.CHECKPOINT_DIR, keep=int(t.keep_checkpoints)
+    checkpointer = checkpoints.Checkpointer(
+        workdir_p / checkpoints.CHECKPOINT_DIR, keep=int(t.keep_checkpoints)
     )
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -226,15 +192,17 @@ def train_and_evaluate(
     else:
         variables = initial_variables(config, model, init_rng)
         state = jax.jit(lambda v, r: state_lib.create_train_state(v, tx, r), out_shardings=rep)(
-            _put_replicated(variables, rep), _put_replicated(np.asarray(state_rng), rep)
+            sharding.put_replicated(variables, rep),
+            sharding.put_replicated(np.asarray(state_rng), rep),
         )
         position = 0
     step = int(jax.device_get(state.step))
 
     train_step = step_lib.make_train_step(config, model, tx, schedule, priors, mesh)
     make_iter = _default_train_iter if train_iter_fn is None else train_iter_fn
-    batches = _positioned_iter(make_iter, config, position)
-    source_iter = getattr(batches, "_source", batches)
+    local_batches = _positioned_iter(make_iter, config, position)
+    source_iter = getattr(local_batches, "_source", local_batches)
+    batches = sharding.DevicePrefetch(local_batches, mesh, step_lib.TRAIN_KEYS, size=2)
 
     from clu import metric_writers
 
@@ -269,10 +237,9 @@ def train_and_evaluate(
         checkpointer.save(step, state, meta)
 
     def evaluate() -> None:
-        fn = eval_fn if eval_fn is not None else _default_eval_fn()
-        if fn is None:
+        if eval_fn is None:
             return
-        results = fn(config, jax.device_get(state.variables()), step)
+        results = eval_fn(config, jax.device_get(state.variables()), step)
         if is_chief and results:
             numbers = {k: float(v) for k, v in results.items() if _number(v)}
             writer.write_scalars(step, {f"eval/{k}": v for k, v in numbers.items()})
@@ -292,12 +259,11 @@ def train_and_evaluate(
         while step < total:
             t0 = time.perf_counter()
             try:
-                local = next(batches)
+                batch = next(batches)
             except StopIteration as e:
                 raise RuntimeError(
                     f"the training iterator ended after {position} batches; it must repeat"
                 ) from e
-            batch = step_lib.global_batch(local, mesh)
             data_wait += time.perf_counter() - t0
             with jax.transfer_guard(t.transfer_guard):
                 state, metrics = train_step(state, batch)
@@ -379,15 +345,6 @@ def train_and_evaluate(
     return state
 
 
-def _default_eval_fn() -> EvalFn | None:
-    """The evaluation package's in-training hook `evaluate_during_training`, if present."""
-    try:
-        from daipnet_jax.evaluation import loop as eval_loop
-    except ImportError:
-        return None
-    return getattr(eval_loop, "evaluate_during_training", None)
-
-
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -406,4 +363,4 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
 
 
-__all__ = ["NonFiniteError", "initial_variables", "num_train_examples", "train_and_evaluate"]
+__all__ = ["EvalFn", "NonFiniteError", "initial_variables", "train_and_evaluate"]

@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule of the paper's recipe (SPEC §6, paper §4.2).
+"""Optimiser and learning-rate schedule of the paper's recipe (paper Section 4.2).
 
 - SGD with momentum 0.9 and L2 weight decay 5e-4 applied as PyTorch's `torch.optim.SGD` does:
   `g ← g + wd·θ` before the momentum trace `b ← μ·b + g`, then `θ ← θ − lr·b`. In optax that is
@@ -10,10 +10,7 @@
   global batch when `train.scale_lr_with_batch`; per-step linear warm-up from `warmup_init_lr`
   (1e-6) to that peak over `warmup_epochs` (6); ×`decay_factor` (0.1) at each of `decay_epochs`
   (COCO 90/120/140, VOC 150/200); end at `total_epochs` (COCO 160, VOC 250).
-- Epochs become steps with `steps_per_epoch = train_examples // global_batch` (last partial
-  batch dropped). choice: `train.total_steps > 0` only moves the end of training; the warm-up
-  and decay points stay at their epochs (so a short run keeps the recipe's early learning
-  rates rather than a compressed schedule).
+- Epochs become steps with `config.steps_per_epoch` (the one place for epoch arithmetic).
 """
 
 from __future__ import annotations
@@ -24,18 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-
-def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
-    """`train_examples // batch_size` (`train.train_examples > 0` overrides the source's size)."""
-    examples = (
-        config.train.train_examples if config.train.train_examples > 0 else num_train_examples
-    )
-    spe = int(examples) // int(config.train.batch_size)
-    if spe < 1:
-        raise ValueError(
-            f"train.batch_size={config.train.batch_size} exceeds the {examples} training examples"
-        )
-    return spe
+from daipnet_jax.config import schedule_points
 
 
 def peak_lr(config: ml_collections.ConfigDict) -> float:
@@ -44,21 +30,6 @@ def peak_lr(config: ml_collections.ConfigDict) -> float:
     if t.scale_lr_with_batch:
         return float(t.base_lr) * float(t.batch_size) / float(t.reference_batch_size)
     return float(t.base_lr)
-
-
-def total_steps(config: ml_collections.ConfigDict, spe: int) -> int:
-    """Training length in steps: `train.total_steps` if > 0, else `total_epochs · spe`."""
-    if config.train.total_steps > 0:
-        return int(config.train.total_steps)
-    return round(config.train.total_epochs * spe)
-
-
-def schedule_points(config: ml_collections.ConfigDict, spe: int) -> tuple[int, list[int]]:
-    """(warm-up steps, decay boundary steps), each `round(epochs · spe)`."""
-    t = config.train
-    warmup = round(t.warmup_epochs * spe)
-    boundaries = [round(e * spe) for e in t.decay_epochs]
-    return warmup, boundaries
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, spe: int) -> optax.Schedule:

@@ -38,10 +38,8 @@ def _dummy(config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
 
 
-# choice: the init program is compiled with LLVM's optimisation off. It runs once, and XLA:CPU
-# spends minutes optimising the thousands of threefry ops of a full detector's init (measured on
-# the 2-core machine, DAIPNet300 width 0.0625: 3 min 17 s by default, 35 s with these options;
-# eager init 88 s). The values are `model.init`'s up to float rounding (|Δ| ≤ 6e-8 measured).
+# choice: the init program is compiled with LLVM's optimisation off: it runs once, and XLA:CPU
+# spends minutes optimising a full detector's init otherwise (docs/design.md, initialisation).
 INIT_COMPILER_OPTIONS: dict[str, str | bool] = {
     "xla_backend_optimization_level": "0",
     "xla_llvm_disable_expensive_passes": True,
@@ -56,14 +54,6 @@ def init_variables(
     dummy = _dummy(config)
     compiled = init.lower(rng, dummy).compile(INIT_COMPILER_OPTIONS)
     variables = compiled(rng, jnp.zeros(dummy.shape, dummy.dtype))
-    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-
-
-def abstract_variables(model: nn.Module, config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Shapes and dtypes of `init_variables` (nothing computed)."""
-    variables = jax.eval_shape(
-        functools.partial(model.init, train=False), jax.random.PRNGKey(0), _dummy(config)
-    )
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 

@@ -1,20 +1,18 @@
-"""The data-parallel train step: one `jax.jit` over a 1-D device mesh (issue 9, item 3).
+"""The data-parallel train step: one `jax.jit` over the 1-D device mesh of `sharding.py`.
 
-Layout: a `Mesh` of every device (all hosts) with one axis `data`. The batch is split over
-`data` (`NamedSharding(mesh, P('data'))`), the train state is replicated (`P()`); XLA inserts
-the gradient all-reduce. The state argument is donated, so its buffers are updated in place.
+The batch is split over `data`, the train state is replicated; XLA inserts the gradient
+all-reduce. The state argument is donated, so its buffers are updated in place.
 
 Inside the step (no host round trip): SSD matching of the padded ground truth against the priors
-(`boxes.match`, SPEC §4), the forward pass in train mode (BatchNorm batch statistics, updated
+(`boxes.match`), the forward pass in train mode (BatchNorm batch statistics, updated
 running averages), the MultiBox loss normalised by the positives of the whole global batch
 (`losses.multibox_loss`), the gradient, the PyTorch-style SGD update (`schedule.py`).
 
 choice: BatchNorm statistics are those of the global batch (jit over a sharded batch computes
-the mean over the whole array: "sync BN"), so 1, 2 or N devices give the same step; PyTorch's
-DataParallel uses per-replica statistics instead. With one device per 32 images that is the
-recipe's statistic exactly.
+the mean over the whole array: "sync BN"), so 1, 2 or N devices give the same step
+(docs/design.md, batch statistics).
 
-NaN/inf guard (item 7): the step computes a bit mask of non-finite terms (1 loc loss, 2 conf
+NaN/inf guard: the step computes a bit mask of non-finite terms (1 loc loss, 2 conf
 loss, 4 gradient global norm). A non-finite step is not applied: the whole state is kept as it
 was (`jnp.where` on every leaf) and the first bad step and its mask are recorded in the state
 (`bad_step`, `bad_term`); every later step is a no-op too. choice: the host does not fetch the
@@ -34,11 +32,11 @@ import ml_collections
 import numpy as np
 import optax
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from daipnet_jax import boxes as boxes_lib
 from daipnet_jax import losses as losses_lib
+from daipnet_jax.sharding import batch_sharding, replicated
 from daipnet_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -46,21 +44,6 @@ Metrics = dict[str, jax.Array]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 
 TRAIN_KEYS = ("image", "boxes", "labels", "mask")
-
-
-def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh named `data` over `devices` (default: every device of every process)."""
-    devs = np.asarray(devices if devices is not None else jax.devices())
-    return Mesh(devs, ("data",))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over `data`."""
-    return NamedSharding(mesh, P("data"))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
 
 
 def train_step(
@@ -170,20 +153,3 @@ def make_train_step(
         out_shardings=(rep, rep),
         donate_argnums=(0,),
     )
-
-
-def global_batch(
-    local: dict[str, Any], mesh: Mesh, keys: tuple[str, ...] = TRAIN_KEYS
-) -> dict[str, jax.Array]:
-    """This process's slice of the batch → globally sharded `jax.Array`s (leading axis × processes).
-
-    Each process passes its own `[B / process_count, ...]` arrays (contiguous process shards in
-    process order: process p holds rows p·b … (p+1)·b − 1 of the global batch).
-    """
-    sharding = batch_sharding(mesh)
-    out = {}
-    for k in keys:
-        x = np.asarray(local[k])
-        global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
-        out[k] = jax.make_array_from_process_local_data(sharding, x, global_shape)
-    return out

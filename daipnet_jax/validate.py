@@ -1,9 +1,10 @@
-"""Config validation run before anything is built or compiled (issue 9, item 1).
+"""Config validation run before anything is built or compiled (training and evaluation).
 
-`validate_config` checks every key the training run depends on and raises `ConfigError` (a
-`ValueError`) whose message starts with the offending key, e.g.
-`ConfigError: train.batch_size=6 is not divisible by the 4 devices`. Unknown `--config.X` keys
-never reach this function: `ml_collections.config_flags` already refuses them.
+`validate_config` checks every key a run depends on and raises `ConfigError` (a `ValueError`)
+whose message starts with the offending key, e.g.
+`train.batch_size: 6 is not divisible by the 4 devices`. Unknown `--config.X` keys never reach
+this function: `ml_collections.config_flags` already refuses them. The allowed model switch
+values are the model's own table, `models.SWITCHES`.
 """
 
 from __future__ import annotations
@@ -15,18 +16,13 @@ from typing import Any
 import ml_collections
 
 from daipnet_jax import config as config_lib
+from daipnet_jax.config import ConfigError
+from daipnet_jax.configs import coco, voc
+from daipnet_jax.models import SWITCHES
 
 SOURCES = ("generated", "tfds", "coco_folder")
-DTYPES = ("float32", "bfloat16")
 TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot be trained with; `key` names the config entry."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"{key}: {message}")
+__all__ = ["ConfigError", "validate_config"]
 
 
 def _get(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -76,16 +72,13 @@ def validate_config(
     numbers, durations, logging/checkpoint periods, the transfer guard.
     """
     m = config.model
-    family = _one_of(config, "model.family", ("ssd", "lrf"))
+    family = _one_of(config, "model.family", SWITCHES["family"])
     if family == "lrf":
-        _one_of(config, "model.aux", ("lsn", "ipn"))
-        _one_of(config, "model.fusion", ("lrf", "affm"))
-        _one_of(config, "model.topdown", ("lrf", "pafm"))
-    size = _get(config, "model.image_size")
-    if size not in (300, 512):
-        raise ConfigError("model.image_size", f"{size!r}: priors exist only for 300 and 512")
+        for key in ("aux", "fusion", "topdown"):
+            _one_of(config, f"model.{key}", SWITCHES[key])
+    size = _one_of(config, "model.image_size", SWITCHES["image_size"])
     fm = list(_get(config, "priors.feature_maps"))
-    expected_fm = config_lib.prior_table("coco", size, family)["feature_maps"]
+    expected_fm = config_lib.PRIOR_GEOMETRY[size][0]
     if fm != expected_fm:
         raise ConfigError(
             "priors.feature_maps",
@@ -98,7 +91,7 @@ def validate_config(
     if len(_get(config, "priors.variances")) != 2:
         raise ConfigError("priors.variances", "needs 2 entries (centre, size)")
     _positive(config, "model.width")
-    _one_of(config, "model.dtype", DTYPES)
+    _one_of(config, "model.dtype", SWITCHES["dtype"])
     if len(m.pixel_mean) != 3:
         raise ConfigError("model.pixel_mean", "needs 3 entries (RGB)")
     if len(m.pixel_std) != 3 or min(m.pixel_std) <= 0:
@@ -110,8 +103,8 @@ def validate_config(
         raise ConfigError("model.num_classes", f"{num_classes!r} must be an int >= 2")
     kind = dataset_kind(config)
     expected = {
-        "coco": config_lib.DATASET_CLASSES["coco"],
-        "voc": config_lib.DATASET_CLASSES["voc"],
+        "coco": coco.NUM_CLASSES,
+        "voc": voc.NUM_CLASSES,
         "generated": int(config.data.generated_num_classes) + 1,
     }.get(kind)
     if expected is not None and num_classes != expected:

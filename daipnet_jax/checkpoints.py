@@ -1,0 +1,275 @@
+"""Checkpoints: the training state's orbax manager and every way variables are read or written.
+
+Two layouts hold model variables `{'params', 'batch_stats'}`:
+
+- a training workdir: `WORKDIR/checkpoints/<step>/{state,meta}` (`Checkpointer`); `state` is
+  the whole `TrainState` (params, batch stats, optimiser state, step, RNG key, NaN-guard
+  record), `meta` a JSON with the data position (batches consumed), the step and the config.
+  Saves are atomic (orbax writes a temporary directory and renames it), so a run killed
+  mid-save leaves the previous checkpoint as the latest; `max_to_keep` = `train.keep_checkpoints`.
+- a converted folder (`python -m daipnet_jax.convert`, `save_variables`): one orbax pytree item
+  `DIR` holding `{'params', 'batch_stats'}` (float32 leaves; only the backbone for the VGG
+  formats) plus `DIR/conversion.json` (format, input, model section, counts).
+
+`load_variables(path, step=None)` reads either as host NumPy arrays, independent of how many
+devices wrote it; `check_variables` compares a tree with the model's `abstract_variables`;
+`merge_vgg` / `merge_checkpoint` put converted weights into a fresh initialisation.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_ITEM = "state"
+METADATA_FILE = "conversion.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit the configured model."""
+
+
+# ------------------------------------------------------------------ training state
+def checkpoint_dir(workdir: str | os.PathLike[str]) -> Path:
+    """`WORKDIR/checkpoints` (or `workdir` itself when it is already a checkpoints directory)."""
+    path = Path(workdir).resolve()
+    if path.name == CHECKPOINT_DIR or (
+        not (path / CHECKPOINT_DIR).exists() and any(p.name.isdigit() for p in path.glob("*"))
+    ):
+        return path
+    return path / CHECKPOINT_DIR
+
+
+class Checkpointer:
+    """Thin wrapper over `ocp.CheckpointManager` with items `state` (pytree) and `meta` (JSON)."""
+
+    def __init__(self, directory: str | os.PathLike[str], keep: int = 3, *, create: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=create)
+        self.directory = Path(directory).resolve()
+        self.manager = ocp.CheckpointManager(
+            self.directory, item_names=(STATE_ITEM, "meta"), options=options
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Start an (asynchronous) save; device buffers are copied before this returns."""
+        self.manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restore onto `abstract_state`'s structure and shardings (`jax.ShapeDtypeStruct`s)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        out = self.manager.restore(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return out["state"], dict(out["meta"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def latest_step(workdir: str | os.PathLike[str]) -> int | None:
+    """The latest saved step of a training workdir (None when there is none)."""
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        return None
+    return Checkpointer(directory, create=False).latest_step()
+
+
+# ------------------------------------------------------------------ model variables
+def abstract_variables(model: Any, config: Any) -> dict[str, Any]:
+    """`{'params', 'batch_stats'}` of `model` as `jax.ShapeDtypeStruct`s (nothing computed)."""
+    size = int(config.model.image_size)
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    init = functools.partial(model.init, train=False)
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(0), images)
+    return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+
+
+def _is_training_dir(path: Path) -> bool:
+    if (path / CHECKPOINT_DIR).is_dir():
+        return True
+    return any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
+
+
+def _read_tree(item: Path) -> dict[str, Any]:
+    """One orbax pytree item as host NumPy arrays (whatever sharding wrote it)."""
+    ckptr = ocp.PyTreeCheckpointer()
+    meta = ckptr.metadata(item)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    restore_args = jax.tree_util.tree_map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+        tree,
+        is_leaf=lambda x: isinstance(x, ocp.metadata.value.Metadata),
+    )
+    return dict(ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args)))
+
+
+def load_variables(path: str | os.PathLike[str], step: int | None = None) -> dict[str, Any]:
+    """`{'params', 'batch_stats'}` (host NumPy) of a training workdir or a converted folder.
+
+    path: a training `--workdir` (or its `checkpoints` directory; `step` a saved step, default
+    the latest) or a converted folder. Raises `CheckpointError` naming the path when nothing
+    loadable is there.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint path {str(path)!r} is a file; expected a directory")
+    try:
+        if _is_training_dir(p):
+            directory = checkpoint_dir(p)
+            step = latest_step(directory) if step is None else step
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {directory}")
+            item = directory / str(int(step)) / STATE_ITEM
+            if not item.is_dir():
+                raise FileNotFoundError(f"no step {step} in {directory}")
+        elif step is not None:
+            raise CheckpointError(f"a step was given but {str(path)!r} is not a training workdir")
+        else:
+            item = p
+        tree = _read_tree(item)
+    except CheckpointError:
+        raise
+    except FileNotFoundError as e:
+        raise CheckpointError(f"no checkpoint found at {str(path)!r}: {e}") from e
+    except Exception as e:  # orbax raises assorted errors on non-checkpoint folders
+        raise CheckpointError(f"cannot read an orbax checkpoint at {str(path)!r}: {e}") from e
+    if "params" not in tree:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has no 'params' (top-level keys: {sorted(tree)})"
+        )
+    return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {}) or {}}
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in leaves}
+
+
+def check_variables(
+    expected: Any, got: Any, source: str = "checkpoint", *, subset: bool = False
+) -> None:
+    """Raise `CheckpointError` naming the first missing / unexpected / mis-shaped entry.
+
+    `subset`: `got` may hold only part of `expected` (e.g. a converted backbone).
+    """
+    want, have = _shapes(expected), _shapes(got)
+    for k, shape in want.items():
+        if k not in have:
+            if subset:
+                continue
+            raise CheckpointError(f"{source} does not fit the model: missing {k} (shape {shape})")
+        if have[k] != shape:
+            raise CheckpointError(
+                f"{source} does not fit the model: {k} has shape {have[k]}, the model expects "
+                f"{shape} (wrong model.width / num_classes / variant?)"
+            )
+    for k in have:
+        if k not in want:
+            raise CheckpointError(f"{source} does not fit the model: unexpected entry {k}")
+
+
+def restore_variables(
+    config: Any, path: str | os.PathLike[str], step: int | None = None, model: Any = None
+) -> dict[str, Any]:
+    """`load_variables` checked against `models.build(config)` (or `model`)."""
+    if model is None:
+        from daipnet_jax import models
+
+        model = models.build(config)
+    variables = load_variables(path, step)
+    check_variables(abstract_variables(model, config), variables, f"checkpoint {str(path)!r}")
+    return variables
+
+
+def _cast_like(loaded: Any, reference: Any) -> Any:
+    return jax.tree_util.tree_map(
+        lambda new, ref: np.asarray(new, dtype=ref.dtype), loaded, reference
+    )
+
+
+def merge_checkpoint(variables: Mapping[str, Any], loaded: Mapping[str, Any]) -> dict[str, Any]:
+    """A full converted checkpoint in place of `variables` (a fresh init of the same model).
+
+    Both trees must have the same paths and shapes (`CheckpointError` names the first
+    difference); leaves are cast to the dtypes of `variables`.
+    """
+    check_variables(variables, loaded, "the converted checkpoint")
+    return {c: _cast_like(loaded[c], variables[c]) for c in variables}
+
+
+def merge_vgg(variables: Mapping[str, Any], vgg_variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Graft converted backbone weights into a full variables tree (e.g. a fresh init).
+
+    Every leaf of `vgg_variables` must exist in `variables` with the same shape (check
+    `model.width` otherwise); returns a new tree of host NumPy arrays whose backbone leaves are
+    replaced, cast to the target dtype.
+    """
+    check_variables(variables, vgg_variables, "the converted VGG-16", subset=True)
+    given = dict(jax.tree_util.tree_flatten_with_path(vgg_variables)[0])
+
+    def pick(path: Any, leaf: Any) -> np.ndarray:
+        new = given.get(path)
+        return np.asarray(leaf if new is None else new, dtype=leaf.dtype)
+
+    return {
+        c: jax.tree_util.tree_map_with_path(
+            lambda p, x, c=c: pick((jax.tree_util.DictKey(c), *p), x), variables[c]
+        )
+        for c in variables
+    }
+
+
+def save_variables(
+    variables: Mapping[str, Any],
+    directory: str | os.PathLike[str],
+    metadata: Mapping[str, Any],
+) -> Path:
+    """Write `variables` as the orbax item DIR plus DIR/conversion.json; returns DIR.
+
+    An existing DIR is replaced (orbax `force=True`).
+    """
+    directory = Path(directory).resolve()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tree = {
+        "params": variables.get("params", {}),
+        "batch_stats": variables.get("batch_stats", {}),
+    }
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(directory, tree, force=True)
+    ckpt.wait_until_finished()
+    (directory / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, sort_keys=True))
+    return directory

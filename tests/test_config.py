@@ -1,0 +1,87 @@
+"""Config mechanics: strict `file.py:arg` parsing, the per-dataset recipes, prior geometry."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from daipnet_jax import config as config_lib
+from daipnet_jax.configs import recipe
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config_file(name: str):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parse_arg_types_and_name():
+    args = config_lib.parse_arg("lrf512,width=0.25", name="daipnet300", width=1.0)
+    assert args.name == "lrf512" and args.width == 0.25
+    assert config_lib.parse_arg(None, name="x", width=1.0).to_dict() == {"name": "x", "width": 1.0}
+
+
+@pytest.mark.parametrize("arg", ["daipnet300,widht=0.5", "daipnet300,bf16"])
+def test_parse_arg_refuses_unknown_keys_in_one_line(arg):
+    with pytest.raises(ValueError) as err:
+        config_lib.parse_arg(arg, name="daipnet300", width=1.0)
+    message = str(err.value)
+    assert "\n" not in message
+    assert repr(arg.split(",")[1].split("=")[0]) in message and "name, width" in message
+
+
+@pytest.mark.parametrize("name", ["coco", "voc", "generated"])
+def test_every_config_file_refuses_a_misspelt_key(name):
+    with pytest.raises(ValueError, match="widht"):
+        _config_file(name).get_config("daipnet300,widht=0.5")
+    with pytest.raises(ValueError, match="width='x'"):
+        _config_file(name).get_config("daipnet300,width=x")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "classes", "lr", "decay", "total", "min_size"),
+    [
+        ("coco", 81, 4e-3, (90.0, 120.0, 140.0), 160.0, 21),
+        ("voc", 21, 4e-3, (150.0, 200.0), 250.0, 30),
+        ("generated", 4, 4e-3, (90.0, 120.0, 140.0), 160.0, 21),
+    ],
+)
+def test_recipes_set_their_dataset_values(dataset, classes, lr, decay, total, min_size):
+    """Paper Section 4.2 per dataset; `base_config` is the dataset file's recipe."""
+    c = _config_file(dataset).get_config("lrf300,width=0.5")
+    assert c.to_dict() == config_lib.base_config("lrf300", dataset, width=0.5).to_dict()
+    assert c.to_dict() == recipe("lrf300", dataset, width=0.5).to_dict()
+    assert c.model.num_classes == classes and c.train.base_lr == lr
+    assert tuple(c.train.decay_epochs) == decay and c.train.total_epochs == total
+    assert c.priors.min_sizes[0] == min_size
+
+
+def test_prior_geometry_and_count():
+    """k per source and P = Σ f²·k, against the published SSD300 / LRF300 / LRF512 counts."""
+    c = recipe("ssd300", "coco")
+    assert config_lib.anchors_per_location(c.priors.aspect_ratios) == [4, 6, 6, 6, 4, 4]
+    assert config_lib.num_priors(c.priors) == 8732
+    assert config_lib.num_priors(recipe("lrf300", "voc").priors) == 11620
+    assert config_lib.num_priors(recipe("daipnet512", "coco").priors) == 32756
+    with pytest.raises(ValueError, match="300 and 512"):
+        config_lib.prior_table(320, "lrf", [1] * 6, [2] * 6)
+
+
+def test_epoch_arithmetic_in_one_place():
+    c = recipe("daipnet300", "coco")
+    c.train.batch_size = 32
+    calls = []
+    assert config_lib.steps_per_epoch(c, lambda: calls.append(1) or 3200) == 100
+    c.train.train_examples = 640  # the config's epoch size: the source is not asked
+    assert config_lib.steps_per_epoch(c, lambda: calls.append(1) or 3200) == 20
+    assert calls == [1]
+    assert config_lib.total_steps(c, 20) == 160 * 20
+    assert config_lib.schedule_points(c, 20) == (120, [1800, 2400, 2800])
+    c.train.batch_size = 1000
+    with pytest.raises(config_lib.ConfigError, match=r"^train\.batch_size"):
+        config_lib.steps_per_epoch(c, 3200)

@@ -1,0 +1,162 @@
+"""Repository layout: imports run one way, and the README documents exactly the config's keys.
+
+Layers, lowest first (a module may import its own layer and the ones below):
+config (+ configs) → models → boxes, losses, postprocess → data, sharding, checkpoints,
+validate → training, evaluation → tools (convert, predict, export, demo, browse, the model
+summary, train.py, evaluate.py). Training and evaluation never import each other.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import pathlib
+import re
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = "daipnet_jax"
+
+# Longest matching prefix wins.
+LAYERS = {
+    "daipnet_jax": 0,
+    "daipnet_jax.config": 0,
+    "daipnet_jax.configs": 0,
+    "daipnet_jax.logs": 0,
+    "daipnet_jax.platform": 0,
+    "daipnet_jax.models": 1,
+    "daipnet_jax.boxes": 2,
+    "daipnet_jax.losses": 2,
+    "daipnet_jax.postprocess": 2,
+    "daipnet_jax.data": 3,
+    "daipnet_jax.sharding": 3,
+    "daipnet_jax.checkpoints": 3,
+    "daipnet_jax.validate": 3,
+    "daipnet_jax.training": 4,
+    "daipnet_jax.evaluation": 4,
+    "daipnet_jax.models.__main__": 5,
+    "daipnet_jax.convert": 5,
+    "daipnet_jax.predict": 5,
+    "daipnet_jax.export": 5,
+    "daipnet_jax.demo": 5,
+    "daipnet_jax.browse": 5,
+    "train": 5,
+    "evaluate": 5,
+}
+APART = ("daipnet_jax.training", "daipnet_jax.evaluation")  # never import each other
+
+
+def layer(module: str) -> int | None:
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in LAYERS:
+            return LAYERS[".".join(parts[:n])]
+    return None
+
+
+def imported_modules(source: str) -> list[tuple[int, str]]:
+    """(line, module) of every package import, module-level and inside functions."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == PACKAGE:  # `from daipnet_jax import data, models`
+                out += [(node.lineno, f"{PACKAGE}.{a.name}") for a in node.names]
+            else:
+                out.append((node.lineno, node.module))
+    return [(line, m) for line, m in out if m == PACKAGE or m.startswith(PACKAGE + ".")]
+
+
+def violations(sources: dict[str, str]) -> list[str]:
+    """Every import of a higher layer (or across training/evaluation) in `sources`."""
+    bad = []
+    for module, source in sources.items():
+        own = layer(module)
+        if own is None:
+            bad.append(f"{module}: no layer (add it to LAYERS in tests/test_layout.py)")
+            continue
+        for line, target in imported_modules(source):
+            other = layer(target)
+            if other is None:
+                bad.append(f"{module}:{line} imports {target}, which has no layer")
+            elif other > own:
+                bad.append(f"{module}:{line} (layer {own}) imports {target} (layer {other})")
+            for a, b in (APART, APART[::-1]):
+                if (module == a or module.startswith(a + ".")) and (
+                    target == b or target.startswith(b + ".")
+                ):
+                    bad.append(f"{module}:{line} imports {target}")
+    return bad
+
+
+def repo_sources() -> dict[str, str]:
+    out = {}
+    for path in sorted((REPO / PACKAGE).rglob("*.py")):
+        rel = path.relative_to(REPO).with_suffix("")
+        name = ".".join(rel.parts)
+        out[name.removesuffix(".__init__")] = path.read_text()
+    for script in ("train.py", "evaluate.py"):
+        out[script.removesuffix(".py")] = (REPO / script).read_text()
+    return out
+
+
+def test_imports_run_one_way():
+    sources = repo_sources()
+    assert len(sources) > 30 and "daipnet_jax.training.loop" in sources
+    assert violations(sources) == []
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("daipnet_jax.models.heads", "def f():\n    from daipnet_jax import training\n"),
+        ("daipnet_jax.boxes", "import daipnet_jax.data.pipeline\n"),
+        ("daipnet_jax.training.loop", "from daipnet_jax.evaluation import loop\n"),
+        ("daipnet_jax.evaluation.loop", "from daipnet_jax.training.state import TrainState\n"),
+        ("daipnet_jax.config", "from daipnet_jax.models import build\n"),
+    ],
+)
+def test_inverted_import_is_caught(module, source):
+    """The checker is not vacuous: an import against the direction is reported."""
+    assert violations({module: source}), source
+
+
+# ------------------------------------------------------------------ README config reference
+def _documented_keys() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Config reference", 1)[1].split("\n## ", 1)[0]
+    keys = []
+    for row in section.splitlines():
+        if row.startswith("| `"):
+            keys += re.findall(r"`([^`]+)`", row.split("|")[1])
+    return keys
+
+
+def _config_keys() -> set[str]:
+    from daipnet_jax.configs import recipe
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    keys: set[str] = set()
+    for dataset in ("coco", "voc", "generated"):
+        for variant in ("daipnet300", "ssd512"):
+            keys |= set(flat(recipe(variant, dataset).to_dict()))
+    return keys
+
+
+def test_readme_documents_exactly_the_config_keys():
+    documented, keys = _documented_keys(), _config_keys()
+    assert len(documented) > 40
+    for pattern in documented:
+        assert fnmatch.filter(keys, pattern), (
+            f"README documents {pattern}, the config has no such key"
+        )
+    undocumented = sorted(k for k in keys if not any(fnmatch.fnmatch(k, p) for p in documented))
+    assert undocumented == [], f"config keys missing from the README: {undocumented}"
