@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from daipnet_jax.data import coco_folder, generated, tfds_sources
+from daipnet_jax.data import coco_folder, tfds_sources
 
 
 @functools.lru_cache(maxsize=16)
@@ -118,6 +118,9 @@ class GeneratedSource(CocoFolderSource):
                     "generated dataset %s was written with %s; config asks %s", d, written, wanted
                 )
             return d
+        # imported here: `python -m daipnet_jax.data.generated` must not find itself imported
+        from daipnet_jax.data import generated
+
         generated.write_dataset(d, **wanted, seed=config.data.get("generated_seed", 0))
         return d
 
