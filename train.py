@@ -6,20 +6,18 @@ unknown keys are refused by ml_collections, inconsistent values by
 `--workdir` resumes from its latest checkpoint. SIGTERM saves a checkpoint and exits cleanly.
 
 Several processes (multi-host): pass `--coordinator_address HOST:PORT --num_processes N
---process_id I` on every process, or rely on the environment that `jax.distributed.initialize()`
-detects by itself (SLURM, Cloud TPU, Open MPI, `JAX_COORDINATOR_ADDRESS`, ...), and set
-`--distributed` to force that call. Each process reads its own shard of the data.
+--process_id I` on every process (see `daipnet_jax.distributed`). Each process reads its own
+shard of the data.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from daipnet_jax import distributed
 from daipnet_jax.logs import quiet_library_logs
 from daipnet_jax.models.conv import add_fast_conv_flags
 
@@ -31,15 +29,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file and argument, e.g. configs/generated.py:daipnet300"
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs, evaluation")
-_COORD = flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0")
-_NPROC = flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
-_PID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
-_DIST = flags.DEFINE_bool(
-    "distributed", False, "call jax.distributed.initialize() with the environment's settings"
-)
-_LOCAL_DEVICES = flags.DEFINE_string(
-    "local_device_ids", None, "multi-process: comma-separated local device ids of this process"
-)
+_DISTRIBUTED = distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -47,19 +37,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_library_logs()
-    import jax
-
-    if _COORD.value or _NPROC.value or _DIST.value or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs: dict[str, Any] = {}
-        if _COORD.value:
-            kwargs["coordinator_address"] = _COORD.value
-        if _NPROC.value is not None:
-            kwargs["num_processes"] = _NPROC.value
-        if _PID.value is not None:
-            kwargs["process_id"] = _PID.value
-        if _LOCAL_DEVICES.value:
-            kwargs["local_device_ids"] = [int(i) for i in _LOCAL_DEVICES.value.split(",")]
-        jax.distributed.initialize(**kwargs)
+    _DISTRIBUTED.initialize()
 
     from daipnet_jax.training import ConfigError, NonFiniteError, train_and_evaluate
 
