@@ -25,6 +25,7 @@ time only (the clock pauses during evaluation and checkpointing).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import logging
@@ -269,7 +270,7 @@ def train_and_evaluate(
         checkpointer.save(step, state, meta)
 
     def evaluate() -> None:
-        fn = eval_fn if eval_fn is not None else _default_eval_fn()
+        fn = eval_fn if eval_fn is not None else _default_eval_fn(str(workdir_p))
         if fn is None:
             return
         results = fn(config, jax.device_get(state.variables()), step)
@@ -379,13 +380,15 @@ def train_and_evaluate(
     return state
 
 
-def _default_eval_fn() -> EvalFn | None:
-    """The evaluation package's in-training hook `evaluate_during_training`, if present."""
+def _default_eval_fn(workdir: str) -> EvalFn | None:
+    """The evaluation package's in-training hook `evaluate_during_training`, if present, writing
+    its metrics files under `workdir/eval` like `evaluate.py`."""
     try:
         from daipnet_jax.evaluation import loop as eval_loop
     except ImportError:
         return None
-    return getattr(eval_loop, "evaluate_during_training", None)
+    fn = getattr(eval_loop, "evaluate_during_training", None)
+    return None if fn is None else functools.partial(fn, workdir=workdir)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
