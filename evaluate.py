@@ -9,6 +9,10 @@ evaluated and the outputs go to `DIR/eval/`. `--checkpoint`: a converted checkpo
 (`python -m daipnet_jax.convert`) or another training workdir; outputs go to `--workdir` if
 given, else `CHECKPOINT/eval/`.
 
+Several processes: `--coordinator_address HOST:PORT --num_processes N --process_id I` on every
+process, as for `train.py` (see `daipnet_jax.distributed`); each reads its own shard of the
+evaluation set and the first process writes the outputs.
+
 Outputs: `eval/metrics.json` (+ `metrics_<step>.json`), the COCO results file
 (`detections_<split>_<name>_results.json`; for test-dev, the server format and nothing else),
 `eval/per_class_ap.png` (a bar per class) and `eval/pr_curves.png` (precision-recall per class
@@ -23,6 +27,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from daipnet_jax import distributed
 from daipnet_jax.logs import quiet_library_logs
 from daipnet_jax.models.conv import add_fast_conv_flags
 
@@ -34,6 +39,7 @@ config_flags.DEFINE_config_file("config", None, "config file (file.py:arg)", loc
 flags.DEFINE_string("workdir", None, "training workdir (checkpoints + outputs)")
 flags.DEFINE_string("checkpoint", None, "a converted checkpoint directory (instead of a workdir)")
 flags.DEFINE_integer("step", None, "checkpoint step of the workdir (default: latest)")
+_DISTRIBUTED = distributed.define_flags()
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -42,6 +48,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_library_logs()
+    _DISTRIBUTED.initialize()
     if not FLAGS.workdir and not FLAGS.checkpoint:
         raise app.UsageError("give --workdir DIR (training checkpoints) or --checkpoint PATH")
     from daipnet_jax import checkpoints

@@ -3,24 +3,23 @@
 Any config value can be overridden with `--config.KEY=VALUE` (e.g. `--config.train.batch_size=8`);
 unknown keys are refused by ml_collections, inconsistent values by
 `daipnet_jax.validate.validate_config` before anything is compiled. The evaluation run during
-and after training is `daipnet_jax.evaluation.evaluate_during_training`, passed to the loop. Re-running with the same
-`--workdir` resumes from its latest checkpoint. SIGTERM saves a checkpoint and exits cleanly.
+and after training is `daipnet_jax.evaluation.evaluate_during_training`, passed to the loop (it
+writes `WORKDIR/eval/metrics*.json` like `evaluate.py`). Re-running with the same `--workdir` resumes from its latest checkpoint. SIGTERM saves a checkpoint and exits cleanly.
 
 Several processes (multi-host): pass `--coordinator_address HOST:PORT --num_processes N
---process_id I` on every process, or rely on the environment that `jax.distributed.initialize()`
-detects by itself (SLURM, Cloud TPU, Open MPI, `JAX_COORDINATOR_ADDRESS`, ...), and set
-`--distributed` to force that call. Each process reads its own shard of the data.
+--process_id I` on every process (see `daipnet_jax.distributed`). Each process reads its own
+shard of the data.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 import sys
-from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from daipnet_jax import distributed
 from daipnet_jax.logs import quiet_library_logs
 from daipnet_jax.models.conv import add_fast_conv_flags
 
@@ -32,15 +31,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file and argument, e.g. configs/generated.py:daipnet300"
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs, evaluation")
-_COORD = flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0")
-_NPROC = flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
-_PID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
-_DIST = flags.DEFINE_bool(
-    "distributed", False, "call jax.distributed.initialize() with the environment's settings"
-)
-_LOCAL_DEVICES = flags.DEFINE_string(
-    "local_device_ids", None, "multi-process: comma-separated local device ids of this process"
-)
+_DISTRIBUTED = distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -48,26 +39,16 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_library_logs()
-    import jax
-
-    if _COORD.value or _NPROC.value or _DIST.value or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs: dict[str, Any] = {}
-        if _COORD.value:
-            kwargs["coordinator_address"] = _COORD.value
-        if _NPROC.value is not None:
-            kwargs["num_processes"] = _NPROC.value
-        if _PID.value is not None:
-            kwargs["process_id"] = _PID.value
-        if _LOCAL_DEVICES.value:
-            kwargs["local_device_ids"] = [int(i) for i in _LOCAL_DEVICES.value.split(",")]
-        jax.distributed.initialize(**kwargs)
+    _DISTRIBUTED.initialize()
 
     from daipnet_jax.config import ConfigError
     from daipnet_jax.evaluation import evaluate_during_training
     from daipnet_jax.training import NonFiniteError, train_and_evaluate
 
     try:
-        train_and_evaluate(_CONFIG.value, str(_WORKDIR.value), eval_fn=evaluate_during_training)
+        workdir = str(_WORKDIR.value)
+        eval_fn = functools.partial(evaluate_during_training, workdir=workdir)
+        train_and_evaluate(_CONFIG.value, workdir, eval_fn=eval_fn)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -16,9 +16,15 @@ def smooth_l1(x: jax.Array) -> jax.Array:
     return jnp.where(ax < 1.0, 0.5 * x * x, ax - 0.5)
 
 
+def _wide(x: jax.Array) -> jax.Array:
+    """`x` in float32, or float64 when it is float64 (the reference runs under jax_enable_x64)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def background_loss(logits: jax.Array) -> jax.Array:
     """−log softmax(logits)[..., 0]: logits [B, P, C] → [B, P] (the mining key)."""
-    logits = jnp.asarray(logits, jnp.float32)
+    logits = _wide(logits)
     return jax.nn.logsumexp(logits, axis=-1) - logits[..., 0]
 
 
@@ -39,7 +45,7 @@ def hard_negative_mask(
     Static shapes: one stable argsort of [B, P] plus a scatter for the inverse permutation (the
     rank of each prior); no data-dependent shapes. No gradient flows through the mask.
     """
-    bg_loss = jax.lax.stop_gradient(jnp.asarray(bg_loss, jnp.float32))
+    bg_loss = jax.lax.stop_gradient(_wide(bg_loss))
     positive = cls_targets > 0
     num_p = bg_loss.shape[-1]
     key = jnp.where(positive, -jnp.inf, bg_loss)
@@ -75,11 +81,11 @@ def multibox_loss(
 
     Memory: the CE uses logsumexp [B, P] and a gathered logit [B, P]; no one-hot or full
     log-softmax [B, P, C] array is materialised besides what XLA's fused reductions need.
-    All computations in float32.
+    All computations in float32 (float64 for float64 inputs).
     """
-    loc = jnp.asarray(loc, jnp.float32)
-    logits = jnp.asarray(logits, jnp.float32)
-    loc_targets = jnp.asarray(loc_targets, jnp.float32)
+    loc = _wide(loc)
+    logits = _wide(logits)
+    loc_targets = jnp.asarray(loc_targets, loc.dtype)
     cls_targets = jnp.asarray(cls_targets, jnp.int32)
     positive = cls_targets > 0
     num_pos = positive.sum().astype(jnp.float32)

@@ -31,6 +31,7 @@ LAYERS = {
     "daipnet_jax.postprocess": 2,
     "daipnet_jax.data": 3,
     "daipnet_jax.sharding": 3,
+    "daipnet_jax.distributed": 3,
     "daipnet_jax.checkpoints": 3,
     "daipnet_jax.validate": 3,
     "daipnet_jax.training": 4,

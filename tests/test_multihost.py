@@ -3,7 +3,9 @@
 Every run here trains the stand-in detector of `training_support.py` on the deterministic
 synthetic stream with `train_and_evaluate` (the real loop, sharding, checkpoints), so each
 comparison is between the same program on different device/process layouts. References are
-in-process single-device runs on the same global batches.
+in-process single-device runs on the same global batches. These are unit tests of the training
+machinery; the real detector through the command-line programs, with evaluation, on several
+devices and processes is in `test_multidevice.py`.
 """
 
 from __future__ import annotations

@@ -26,10 +26,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_train_config(batch_size: int = 4, total_steps: int = 3, **train: Any):
+def tiny_train_config(
+    batch_size: int = 4, total_steps: int = 3, variant: str = "lrf300", **train: Any
+):
     from daipnet_jax.config import base_config
 
-    c = base_config("lrf300", "generated", width=0.0625)
+    c = base_config(variant, "generated", width=0.0625)
     c.model.num_classes = c.data.generated_num_classes + 1
     c.data.max_boxes = 4
     c.train.batch_size = batch_size
@@ -151,8 +153,85 @@ def run(argv: list[str] | None = None) -> None:
     print("done", flush=True)
 
 
+def equivalence_config():
+    """The real detector (DAIPNet300, width 0.0625) for the data-parallel equivalence runs."""
+    c = tiny_train_config(4, 4, "daipnet300")
+    c.train.base_lr = 0.004  # the recipe's; × 4 / 32 with the batch scaling
+    return c
+
+
+def equivalence_runs(
+    out: str, init: str, steps: int, device_counts: tuple[int, ...], x64: bool
+) -> None:
+    """`steps` train steps of `equivalence_config()` from the variables pickled in `init`
+    (written there first if missing) on the synthetic global batches 0.., once per device
+    count; pickles {n: {'params': [after step 1, after the last step], 'loss': [...],
+    'dtype': compute dtype}} to `out`. x64: float64 model, parameters, optimiser state and
+    images (the matching targets stay float32 in every run, so all runs share them)."""
+    import pickle
+
+    import jax
+
+    if x64:
+        jax.config.update("jax_enable_x64", True)
+    from daipnet_jax import boxes, models
+    from daipnet_jax.training import schedule as schedule_lib
+    from daipnet_jax.training import state as state_lib
+    from daipnet_jax.training import step as step_lib
+
+    c = equivalence_config()
+    if not os.path.exists(init):
+        v = state_lib.init_variables(models.build(c), c, jax.random.PRNGKey(0))
+        with open(init, "wb") as f:
+            pickle.dump(jax.tree_util.tree_map(np.asarray, v), f)
+    with open(init, "rb") as f:
+        variables = pickle.load(f)
+    dtype = np.float64 if x64 else np.float32
+    if x64:
+        c.model.dtype = "float64"
+    variables = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), variables)
+    model = models.build(c)
+    schedule = schedule_lib.learning_rate_schedule(c, schedule_lib.steps_per_epoch(c, 64))
+    tx = schedule_lib.make_optimizer(c, schedule)
+    priors = boxes.prior_boxes(c)
+    batches = []
+    for i in range(steps):
+        b = synthetic_global_batch(c, i)
+        batches.append({**b, "image": b["image"].astype(dtype)})
+    results = {}
+    for n in device_counts:
+        mesh = step_lib.make_mesh(jax.devices()[:n])
+        rep = step_lib.replicated(mesh)
+        state = jax.jit(lambda v: state_lib.create_train_state(v, tx, jax.random.PRNGKey(1)),
+                        out_shardings=rep)(variables)  # fmt: skip
+        train_step = step_lib.make_train_step(c, model, tx, schedule, priors, mesh)
+        kept, losses = [], []
+        for i, batch in enumerate(batches):
+            state, metrics = train_step(state, step_lib.global_batch(batch, mesh))
+            losses.append(float(metrics["loss"]))
+            if i in (0, steps - 1):
+                kept.append(jax.tree_util.tree_map(np.asarray, jax.device_get(state.params)))
+            assert int(metrics["bad_step"]) < 0, f"non-finite step {i}"
+        results[n] = {"params": kept, "loss": losses, "dtype": str(metrics["loss"].dtype)}
+        print(f"{n} device(s), {results[n]['dtype']}: losses {losses}", flush=True)
+    with open(out, "wb") as f:
+        pickle.dump(results, f)
+
+
 if __name__ == "__main__":
-    run()
+    if sys.argv[1:2] == ["equivalence"]:
+        # python tests/training_support.py equivalence OUT INIT STEPS DEVICES[,..] f32|f64
+        sys.path.insert(0, str(REPO))
+        import jax
+
+        if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+            jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+        jax.config.update("jax_default_matmul_precision", "highest")
+        out, init, steps, devices, kind = sys.argv[2:7]
+        counts = tuple(int(d) for d in devices.split(","))
+        equivalence_runs(out, init, int(steps), counts, kind == "f64")
+    else:
+        run()
 
 
 def optax_and_torch_steps(tx, make_torch_optimizer, lrs, seed: int = 0):

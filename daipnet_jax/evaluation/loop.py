@@ -297,11 +297,15 @@ _TRAINING_CACHE: dict[str, tuple[Any, ...]] = {}
 
 
 def evaluate_during_training(
-    config: ml_collections.ConfigDict, variables: Any, step: int
+    config: ml_collections.ConfigDict, variables: Any, step: int, workdir: str | None = None
 ) -> dict[str, float]:
-    """The `eval_fn` that `train.py` passes to the train loop: scalar metrics only (the trainer
-    writes them to TensorBoard under `eval/`). The model, the jitted step, the data iterator
-    and the ground truth are built once per config and reused."""
+    """The `eval_fn` that `train.py` passes to the train loop (bind `workdir` with
+    functools.partial): returns the scalar metrics (the trainer writes them to TensorBoard under
+    `eval/`); with `workdir`, also writes `eval/metrics.json`, `eval/metrics_<step>.json` and the
+    results file, as `evaluate.py` does. The model, the jitted step, the data iterator and the
+    ground truth are built once per config and reused."""
+    from clu import metric_writers
+
     key = config.to_json_best_effort()
     if key not in _TRAINING_CACHE:
         from daipnet_jax import data, models
@@ -318,7 +322,11 @@ def evaluate_during_training(
         batches,
         make_evaluator_for(config, gt, labels),
         model=model,
+        workdir=workdir,
+        step=step,
         num_batches=len(batches),
+        # No TensorBoard writer here: the trainer writes the returned numbers itself.
+        writer=metric_writers.MultiWriter([]),
         eval_step=step_fn,
     )
     return scalar_metrics({k: v for k, v in metrics.items() if k != "seconds"})

@@ -20,7 +20,7 @@ Top-level components (the summary and the parameter tests group by these): `back
 
 dtype: `config.model.dtype` is the compute dtype of every conv / BatchNorm; parameters are always
 float32, the normalisation, L2Norm, resize and attention pooling run in float32, and loc / logits
-are returned in float32.
+are returned in float32 (all float64 for the float64 reference model).
 
 Official LRF-Net state dict → our variables (`vaesl/LRF-Net` `models/LRF_COCO_{300,512}.py`;
 keys may carry a `module.` prefix; conv `weight` OIHW → `kernel` HWIO; BatchNorm `weight` →
@@ -65,7 +65,7 @@ from daipnet_jax.models.affm import AFFMFusion
 from daipnet_jax.models.extras import LRFExtras, SSDExtras
 from daipnet_jax.models.heads import MultiboxHeads
 from daipnet_jax.models.ipn import IPN
-from daipnet_jax.models.layers import Array, Dtype, compute_dtype, normalize
+from daipnet_jax.models.layers import Array, Dtype, compute_dtype, normalize, wide_dtype
 from daipnet_jax.models.lrf import LRFFusion, LRFTopDown
 from daipnet_jax.models.lsn import LSN
 from daipnet_jax.models.pafm import PAFMTopDown
@@ -128,7 +128,7 @@ class L2Norm(nn.Module):
         scale = self.param(
             "scale", nn.initializers.constant(self.init_scale), (x.shape[-1],), jnp.float32
         )
-        xf = x.astype(jnp.float32)
+        xf = x.astype(wide_dtype(x.dtype))
         norm = jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True)) + 1e-10
         return (xf / norm * scale).astype(self.dtype)
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from daipnet_jax.models.layers import Array, Dtype, conv
+from daipnet_jax.models.layers import Array, Dtype, conv, wide_dtype
 
 
 class MultiboxHeads(nn.Module):
@@ -35,6 +35,7 @@ class MultiboxHeads(nn.Module):
             conf = conv(k * self.num_classes, 3, padding=1, dtype=self.dtype, name=f"conf{s}")(x)
             locs.append(loc.reshape(b, -1, 4))
             confs.append(conf.reshape(b, -1, self.num_classes))
-        loc_out = jnp.concatenate(locs, axis=1).astype(jnp.float32)
-        conf_out = jnp.concatenate(confs, axis=1).astype(jnp.float32)
+        out = wide_dtype(self.dtype)
+        loc_out = jnp.concatenate(locs, axis=1).astype(out)
+        conf_out = jnp.concatenate(confs, axis=1).astype(out)
         return loc_out, conf_out

@@ -63,20 +63,28 @@ def channels(n: int | float, width: float, minimum: int = 1) -> int:
 
 
 def compute_dtype(name: str) -> Dtype:
-    """`config.model.dtype` ('float32' | 'bfloat16') as a jnp dtype."""
-    table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    """`config.model.dtype` ('float32' | 'bfloat16' | 'float64') as a jnp dtype. 'float64' is for
+    reference runs under `jax_enable_x64` (see docs/design.md, data-parallel equivalence)."""
+    table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
     if name not in table:
         raise ValueError(f"model.dtype={name!r}: expected one of {sorted(table)}")
     return table[name]
 
 
+def wide_dtype(dtype: Any) -> Any:
+    """The dtype of the precision-sensitive steps (normalisation, L2Norm, attention pooling,
+    outputs, losses): float32 for float32 / bfloat16 compute, float64 for a float64 model."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def normalize(images: Array, mean: Sequence[float], std: Sequence[float]) -> Array:
-    """The model's first step (SPEC §1): `(x - pixel_mean) / pixel_std`, in float32.
+    """The model's first step (SPEC §1): `(x - pixel_mean) / pixel_std`, in float32 (float64
+    for float64 images).
 
     images: [B, S, S, 3] RGB in [0, 255] → [B, S, S, 3] float32.
     """
-    x = images.astype(jnp.float32)
-    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    x = images.astype(wide_dtype(images.dtype))
+    return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
 
 
 def conv(

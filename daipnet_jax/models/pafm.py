@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from daipnet_jax.models.layers import Array, ConvBN, Dtype, conv
+from daipnet_jax.models.layers import Array, ConvBN, Dtype, conv, wide_dtype
 from daipnet_jax.models.lrf import project_levels, upsampled_context
 
 ATTENTION_REDUCTION = 16
@@ -34,11 +34,11 @@ class ChannelAttention(nn.Module):
     def __call__(self, u: Array) -> Array:
         c = u.shape[-1]
         hidden = max(ATTENTION_MIN_CHANNELS, c // ATTENTION_REDUCTION)
-        z = jnp.mean(u.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
+        z = jnp.mean(u.astype(wide_dtype(u.dtype)), axis=(1, 2), keepdims=True).astype(self.dtype)
         g = conv(c, 1, dtype=self.dtype, name="fc2")(
             nn.relu(conv(hidden, 1, dtype=self.dtype, name="fc1")(z))
         )
-        return nn.sigmoid(g.astype(jnp.float32)).astype(self.dtype)
+        return nn.sigmoid(g.astype(wide_dtype(g.dtype))).astype(self.dtype)
 
 
 class PAFMLevel(nn.Module):
