@@ -91,7 +91,11 @@ def validate_config(
     if len(_get(config, "priors.variances")) != 2:
         raise ConfigError("priors.variances", "needs 2 entries (centre, size)")
     _positive(config, "model.width")
-    _one_of(config, "model.dtype", SWITCHES["dtype"])
+    if _one_of(config, "model.dtype", SWITCHES["dtype"]) == "float64":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            raise ConfigError("model.dtype", "'float64' needs JAX_ENABLE_X64=1 (reference runs)")
     if len(m.pixel_mean) != 3:
         raise ConfigError("model.pixel_mean", "needs 3 entries (RGB)")
     if len(m.pixel_std) != 3 or min(m.pixel_std) <= 0:

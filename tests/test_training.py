@@ -103,6 +103,7 @@ BAD_VALUES = [
     ("model.dtype", "float16"),
     ("model.width", 0.0),
     ("data.source", "imagenet"),
+    ("model.dtype", "float64"),  # without jax_enable_x64 (the tests run without it)
     ("train.batch_size", 0),
     ("train.base_lr", -0.1),
     ("train.momentum", 1.5),

@@ -174,7 +174,8 @@ def equivalence_runs(
 
     if x64:
         jax.config.update("jax_enable_x64", True)
-    from daipnet_jax import boxes, models
+    from daipnet_jax import boxes, models, sharding
+    from daipnet_jax import config as config_lib
     from daipnet_jax.training import schedule as schedule_lib
     from daipnet_jax.training import state as state_lib
     from daipnet_jax.training import step as step_lib
@@ -191,7 +192,7 @@ def equivalence_runs(
         c.model.dtype = "float64"
     variables = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), variables)
     model = models.build(c)
-    schedule = schedule_lib.learning_rate_schedule(c, schedule_lib.steps_per_epoch(c, 64))
+    schedule = schedule_lib.learning_rate_schedule(c, config_lib.steps_per_epoch(c, 64))
     tx = schedule_lib.make_optimizer(c, schedule)
     priors = boxes.prior_boxes(c)
     batches = []
@@ -200,14 +201,14 @@ def equivalence_runs(
         batches.append({**b, "image": b["image"].astype(dtype)})
     results = {}
     for n in device_counts:
-        mesh = step_lib.make_mesh(jax.devices()[:n])
-        rep = step_lib.replicated(mesh)
+        mesh = sharding.make_mesh(jax.devices()[:n])
+        rep = sharding.replicated(mesh)
         state = jax.jit(lambda v: state_lib.create_train_state(v, tx, jax.random.PRNGKey(1)),
                         out_shardings=rep)(variables)  # fmt: skip
         train_step = step_lib.make_train_step(c, model, tx, schedule, priors, mesh)
         kept, losses = [], []
         for i, batch in enumerate(batches):
-            state, metrics = train_step(state, step_lib.global_batch(batch, mesh))
+            state, metrics = train_step(state, sharding.global_batch(batch, mesh))
             losses.append(float(metrics["loss"]))
             if i in (0, steps - 1):
                 kept.append(jax.tree_util.tree_map(np.asarray, jax.device_get(state.params)))

@@ -82,7 +82,8 @@ SWITCHES: dict[str, tuple[object, ...]] = {
     "fusion": FUSION,
     "topdown": TOPDOWN,
     "image_size": (300, 512),
-    "dtype": ("float32", "bfloat16"),
+    # float64: reference runs only (needs jax_enable_x64; see docs/design.md)
+    "dtype": ("float32", "bfloat16", "float64"),
 }
 
 
