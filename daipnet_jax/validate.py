@@ -94,7 +94,7 @@ def validate_config(
     if _one_of(config, "model.dtype", SWITCHES["dtype"]) == "float64":
         import jax
 
-        if not jax.config.jax_enable_x64:
+        if not jax.config.read("jax_enable_x64"):
             raise ConfigError("model.dtype", "'float64' needs JAX_ENABLE_X64=1 (reference runs)")
     if len(m.pixel_mean) != 3:
         raise ConfigError("model.pixel_mean", "needs 3 entries (RGB)")
