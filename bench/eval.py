@@ -33,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from daipnet_jax.models.conv import add_fast_conv_flags  # noqa: E402
+from daipnet_jax import platform  # noqa: E402
 
-add_fast_conv_flags()  # XLA:CPU convolutions on Eigen, as train.py runs them
+platform.setup()  # as train.py runs: XLA:CPU flag on CPU-only runs, quiet logs
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
 

@@ -69,6 +69,11 @@ from typing import Any
 
 import numpy as np
 
+if __name__ == "__main__":
+    from daipnet_jax import platform
+
+    platform.setup()  # before JAX starts
+
 FORMATS = ("torchvision-vgg16", "ssd-vgg", "lrf", "ssd")
 METADATA_FILE = "conversion.json"
 

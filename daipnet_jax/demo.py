@@ -21,6 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":
+    from daipnet_jax import platform
+
+    platform.setup()  # before JAX starts
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -29,6 +29,11 @@ from typing import Any
 
 import numpy as np
 
+if __name__ == "__main__":
+    from daipnet_jax import platform
+
+    platform.setup()  # before JAX starts
+
 
 @contextlib.contextmanager
 def stablehlo_target(requirement: str = "WEEK_12") -> Iterator[str]:
