@@ -1,4 +1,4 @@
-"""Evaluation-inference throughput: network + post-processing, batch 8 (issue 7, item 4).
+"""Evaluation-inference throughput: network + post-processing, batch 8.
 
 JAX: `evaluation.make_eval_step` (forward with train=False + `postprocess.detect`, one jitted
 function, static shapes) for DAIPNet300 and LRF300 (COCO, 81 classes, random weights).

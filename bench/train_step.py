@@ -134,7 +134,7 @@ def jax_bench(variant: str, width: float, batch: int, iters: int) -> dict[str, f
 
 
 def torch_multibox(loc, conf, loc_t, cls_t, neg_pos_ratio: int = 3):
-    """SSD MultiBox loss (SPEC §4) in PyTorch, normalised by the batch's positives."""
+    """SSD MultiBox loss in PyTorch, normalised by the batch's positives."""
     import torch
     import torch.nn.functional as F
 

@@ -1,4 +1,4 @@
-"""`postprocess.detect` against a plain NumPy per-class greedy NMS (SPEC §6)."""
+"""`postprocess.detect` against a plain NumPy per-class greedy NMS."""
 
 from __future__ import annotations
 
@@ -310,7 +310,7 @@ def test_detect_on_two_devices_equals_one_device(tmp_path):
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    want = jax.device_get(jax.jit(lambda l, g: postprocess.detect(l, g, priors))(loc, logits))
+    want = jax.device_get(jax.jit(lambda lc, g: postprocess.detect(lc, g, priors))(loc, logits))
     got = np.load(tmp_path / "out.npz")
     assert np.asarray(want[3]).sum() == 400  # 200 valid detections in each image: not vacuous
     for name in ("replicated", "sharded"):
