@@ -193,10 +193,13 @@ def test_conv_init_is_he_normal_fan_out():
     assert abs(kernel.std() / math.sqrt(2.0 / (256 * 9)) - 1) < 0.05
     assert abs(kernel.mean()) < 0.002
     assert not np.any(np.asarray(params["bias"]))
-    # A pure function of the key: same key, same draw; another key, another draw; under jit too.
+    # A pure function of the key: same key, same draw (under jit up to float rounding: XLA
+    # fuses the normal transform differently); another key, another draw.
+    same = layer.init(jax.random.key(0), jnp.zeros((1, 4, 4, 8)))["params"]["kernel"]
     again = jax.jit(layer.init)(jax.random.key(0), jnp.zeros((1, 4, 4, 8)))["params"]["kernel"]
     other = layer.init(jax.random.key(1), jnp.zeros((1, 4, 4, 8)))["params"]["kernel"]
-    np.testing.assert_array_equal(np.asarray(again), kernel)
+    np.testing.assert_array_equal(np.asarray(same), kernel)
+    np.testing.assert_allclose(np.asarray(again), kernel, rtol=1e-5, atol=1e-7)
     assert not np.allclose(np.asarray(other), kernel)
 
 
