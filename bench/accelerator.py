@@ -1,6 +1,6 @@
 """Accelerator benchmark: forward, train step (with MFU), detect, and a PyTorch LRF300 anchor.
 
-One process, one device, synthetic data made on the device, a time budget (default 450 s of
+One process, one device, synthetic data made on the device, a time budget (default 400 s of
 measurement after start-up, so that the whole run stays under 8 minutes on one GPU: a section
 that would start too late is skipped and printed as such). Imports jax, flax, optax, numpy,
 ml_collections, absl and (for the anchor only) torch; never TensorFlow (checked at the end).
@@ -379,7 +379,7 @@ def main() -> None:
     ap.add_argument(
         "--quick", action="store_true", help="width 0.0625, batch 2, 1 iteration, fewer parts"
     )
-    ap.add_argument("--budget_s", type=float, default=450.0, help="measurement time budget")
+    ap.add_argument("--budget_s", type=float, default=400.0, help="measurement time budget")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--width", type=float, default=1.0)
