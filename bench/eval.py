@@ -87,13 +87,12 @@ def jax_images_per_s(variant: str, width: float, batch: int, repeats: int) -> fl
     from daipnet_jax import models, postprocess
     from daipnet_jax.config import base_config
     from daipnet_jax.evaluation.loop import detect_kwargs
+    from daipnet_jax.training.state import init_variables
 
     config = base_config(variant, "coco", width=width)
     model = models.build(config)
     s = config.model.image_size
-    variables = jax.jit(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3)), train=False)
-    )()
+    variables = init_variables(model, config, jax.random.PRNGKey(0))
     images = np.random.default_rng(0).uniform(0, 255, (batch, s, s, 3)).astype(np.float32)
     _, logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
     bias = background_bias(np.asarray(logits))
