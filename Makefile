@@ -45,3 +45,12 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cache
+
+# The accelerator benchmark (bench/accelerator.py): runs in the environment's python when there
+# is no venv (an accelerator machine without TensorFlow); `make bench-accel BENCH_ARGS=--quick`.
+BENCH_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+BENCH_ARGS ?=
+
+.PHONY: bench-accel
+bench-accel:
+	$(BENCH_PY) bench/accelerator.py $(BENCH_ARGS)

@@ -27,13 +27,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from daipnet_jax import distributed
-from daipnet_jax.logs import quiet_library_logs
-from daipnet_jax.models.conv import add_fast_conv_flags
+from daipnet_jax import distributed, platform
 
-# Before the JAX backend starts: XLA:CPU convolutions on Eigen (2-4x faster weight gradients,
-# see bench/conv_backward.py); no effect on GPU/TPU.
-add_fast_conv_flags()
+platform.setup(compilation_cache=True)  # before JAX starts: flags, quiet logs, compile cache
 
 config_flags.DEFINE_config_file("config", None, "config file (file.py:arg)", lock_config=False)
 flags.DEFINE_string("workdir", None, "training workdir (checkpoints + outputs)")
@@ -47,7 +43,6 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    quiet_library_logs()
     _DISTRIBUTED.initialize()
     if not FLAGS.workdir and not FLAGS.checkpoint:
         raise app.UsageError("give --workdir DIR (training checkpoints) or --checkpoint PATH")

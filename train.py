@@ -19,13 +19,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from daipnet_jax import distributed
-from daipnet_jax.logs import quiet_library_logs
-from daipnet_jax.models.conv import add_fast_conv_flags
+from daipnet_jax import distributed, platform
 
-# Before the JAX backend starts: XLA:CPU convolutions on Eigen (2-4x faster weight gradients,
-# see bench/conv_backward.py); no effect on GPU/TPU.
-add_fast_conv_flags()
+platform.setup(compilation_cache=True)  # before JAX starts: flags, quiet logs, compile cache
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file and argument, e.g. configs/generated.py:daipnet300"
@@ -38,7 +34,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
     _DISTRIBUTED.initialize()
 
     from daipnet_jax.config import ConfigError

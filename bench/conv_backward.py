@@ -16,9 +16,9 @@ the PyTorch time of its own process. Each number is the minimum of `--reps` runs
 Formulations (`--variants`, comma separated; `name@flags` runs `name` in a child process with
 the flag set `flags`):
   xla            lax.conv_general_dilated, JAX's own VJP (the baseline)
-  taps           daipnet_jax.models.conv.conv2d: custom_vjp, weight gradient as one GEMM per
-                 kernel tap (dW[i,j] = X_ij^T G), forward and input gradient XLA's
-  dw3d           daipnet_jax.models.conv.conv2d_dw3d: custom_vjp, weight gradient = JAX's VJP of
+  taps           custom_vjp, weight gradient as one GEMM per kernel tap (dW[i,j] = X_ij^T G),
+                 forward and input gradient XLA's
+  dw3d           custom_vjp, weight gradient = JAX's VJP of
                  the same conv written as a 3-D conv with unit depth (YNNPACK takes only 2-D
                  convs, so XLA runs it on Eigen)
   patches        custom_vjp, weight gradient as one im2col GEMM, patches from
@@ -46,8 +46,8 @@ What was found (jax/jaxlib 0.10.2, torch 2.13.0, 2-core AMD EPYC VM shared with 
   PyTorch's (K=45000, M=N=128).
 * `@noynnconv` (Eigen convolutions): per layer, weight gradient 0.6-1.2x PyTorch, forward and
   input gradient unchanged (0.5-1.0x). `@noynn` the same for convolutions. `@onednn`: no change
-  (convolutions stay YNNPACK). `daipnet_jax.models.conv.add_fast_conv_flags()` sets the first
-  flag (must run before JAX starts; process-wide).
+  (convolutions stay YNNPACK). `daipnet_jax.platform.setup()` sets the first
+  flag on CPU-only runs (must run before JAX starts; process-wide).
 * Per layer with the reformulations (`--layers`, batch 2, load average ~6; ms and / PyTorch):
       H=W x Cin->Cout     fwd         dx          dw xla      dw taps     dw dw3d
       300x3->64         48 0.37x    50 0.31x    74 0.97x    82 1.09x   126 1.66x
@@ -93,9 +93,9 @@ Whole stack (value_and_grad w.r.t. params and input, forward = inference; min of
       xla@noynnconv    2.75    10.72    0.84
   So: plain XLA's gradient is 1.5-1.7x PyTorch's on this stack (2.1-2.4x measured before on an
   idle machine); `taps` brings it to ~1.1x (-27% at batch 4, -80% at batch 8 under load), `dw3d`
-  to ~1.2x, the flag to 0.8-0.9x (best). Recommendation: run CPU training with `add_fast_conv_flags()`
-  (or `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`); where flags
-  cannot be set, `model.conv_impl='taps'`.
+  to ~1.2x, the flag to 0.8-0.9x (best). Recommendation (adopted): CPU-only runs set the flag
+  (`daipnet_jax.platform.setup()`, called by every entry point); the custom-VJP formulations live
+  only here, with their gradients checked against JAX's in every run.
 * Noise: the machine is shared (load average 4-12 during these runs, 2 cores), so absolute times
   vary 2-5x between runs and PyTorch's OpenMP threads suffer more from the oversubscription
   than XLA's; ratios against PyTorch timed interleaved in the same process vary by about ±20%
@@ -111,10 +111,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
@@ -148,77 +146,118 @@ def _init(batch: int, size: int, width: float, seed: int = 0):
 
 
 # ------------------------------------------------------------------ JAX formulations
-def _jax_convs() -> dict[str, Callable]:
-    import functools
+# Every formulation is a 3x3, stride-1, pad-1 NHWC/HWIO convolution (all VGG-16 convs).
+PAD1 = ((1, 1), (1, 1))
 
+
+def _plain(x, w):
+    from jax import lax
+
+    return lax.conv_general_dilated(x, w, (1, 1), PAD1, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _with_dw(dw_fn: Callable) -> Callable:
+    """`_plain` with the weight gradient dw_fn(x, g) -> [3, 3, Cin, Cout]; dx stays XLA's."""
+    import jax
+
+    @jax.custom_vjp
+    def f(x, w):
+        return _plain(x, w)
+
+    def fwd(x, w):
+        return _plain(x, w), (x, w)
+
+    def bwd(res, g):
+        x, w = res
+        (dx,) = jax.vjp(lambda x_: _plain(x_, w), x)[1](g)
+        return dx, dw_fn(x, g).astype(w.dtype)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def _dw_taps(x, g):
+    """dW[i, j] = X_ij^T G: one [Cin, B*H*W] x [B*H*W, Cout] GEMM per kernel tap."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    b, h, w_, cin = x.shape
+    cout = g.shape[-1]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    g2 = g.reshape(-1, cout)
+    taps = [
+        lax.dot_general(
+            lax.slice(xp, (0, i, j, 0), (b, i + h, j + w_, cin)).reshape(-1, cin),
+            g2,
+            (((0,), (0,)), ((), ())),
+        )
+        for i in range(3)
+        for j in range(3)
+    ]
+    return jnp.stack(taps).reshape(3, 3, cin, cout)
+
+
+def _dw_3d(x, g):
+    """JAX's weight gradient of the same conv written as a 3-D one with unit depth: XLA's
+    YNNPACK rewriter takes only 2-D convolutions, so this one runs on Eigen."""
     import jax
     import jax.numpy as jnp
     from jax import lax
 
-    from daipnet_jax.models import conv as conv_mod
+    cin, cout = x.shape[-1], g.shape[-1]
 
-    pad1 = ((1, 1), (1, 1))
+    def conv3(k):
+        return lax.conv_general_dilated(
+            x[:, None], k, (1, 1, 1), [(0, 0), *PAD1],
+            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+        )  # fmt: skip
 
-    def plain(x, w):
-        return conv_mod.conv2d_xla(x, w, padding=pad1)
+    (dk,) = jax.vjp(conv3, jnp.zeros((1, 3, 3, cin, cout), x.dtype))[1](g[:, None])
+    return dk[0]
 
-    def taps(x, w):
-        return conv_mod.conv2d(x, w, padding=pad1)  # taps
 
-    def dw3d(x, w):
-        return conv_mod.conv2d_dw3d(x, w, padding=pad1)
+def _dw_patches(x, g):
+    """One im2col GEMM, patches from lax.conv_general_dilated_patches (Cin-major)."""
+    from jax import lax
+
+    cin, cout = x.shape[-1], g.shape[-1]
+    p = lax.conv_general_dilated_patches(
+        x, (3, 3), (1, 1), PAD1, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )  # [B,H,W,Cin*9], Cin major
+    d = lax.dot_general(p, g, (((0, 1, 2), (0, 1, 2)), ((), ())))
+    return d.reshape(cin, 3, 3, cout).transpose(1, 2, 0, 3)
+
+
+def _dw_im2col(x, g):
+    """One im2col GEMM, patches by concatenating the 9 shifted slices."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    b, h, w_, cin = x.shape
+    cout = g.shape[-1]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    p = jnp.concatenate(
+        [lax.slice(xp, (0, i, j, 0), (b, i + h, j + w_, cin)) for i in range(3) for j in range(3)],
+        axis=-1,
+    )
+    d = p.reshape(-1, 9 * cin).T @ g.reshape(-1, cout)
+    return d.reshape(3, 3, cin, cout)
+
+
+def _jax_convs() -> dict[str, Callable]:
+    from jax import lax
 
     def nchw(x, w):  # x already NCHW, w OIHW
         return lax.conv_general_dilated(
-            x, w, (1, 1), pad1, dimension_numbers=("NCHW", "OIHW", "NCHW")
+            x, w, (1, 1), PAD1, dimension_numbers=("NCHW", "OIHW", "NCHW")
         )
 
-    def with_dw(dw_fn):
-        @jax.custom_vjp
-        def f(x, w):
-            return plain(x, w)
-
-        def fwd(x, w):
-            return plain(x, w), (x, w)
-
-        def bwd(res, g):
-            x, w = res
-            (dx,) = jax.vjp(lambda x_: plain(x_, w), x)[1](g)
-            return dx, dw_fn(x, g)
-
-        f.defvjp(fwd, bwd)
-        return f
-
-    def dw_patches(x, g):
-        cin, cout = x.shape[-1], g.shape[-1]
-        p = lax.conv_general_dilated_patches(
-            x, (3, 3), (1, 1), pad1, dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )  # [B,H,W,Cin*9], Cin major
-        d = lax.dot_general(p, g, (((0, 1, 2), (0, 1, 2)), ((), ())))
-        return d.reshape(cin, 3, 3, cout).transpose(1, 2, 0, 3)
-
-    def dw_im2col(x, g):
-        b, h, w_, cin = x.shape
-        cout = g.shape[-1]
-        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        p = jnp.concatenate(
-            [
-                lax.slice(xp, (0, i, j, 0), (b, i + h, j + w_, cin))
-                for i in range(3)
-                for j in range(3)
-            ],
-            axis=-1,
-        )
-        d = p.reshape(-1, 9 * cin).T @ g.reshape(-1, cout)
-        return d.reshape(3, 3, cin, cout)
-
-    del functools
     return {
-        "xla": plain,
-        "taps": taps,
-        "dw3d": dw3d,
-        "patches": with_dw(dw_patches),
-        "im2col": with_dw(dw_im2col),
+        "xla": _plain,
+        "taps": _with_dw(_dw_taps),
+        "dw3d": _with_dw(_dw_3d),
+        "patches": _with_dw(_dw_patches),
+        "im2col": _with_dw(_dw_im2col),
         "nchw": nchw,
     }
 
@@ -309,16 +348,26 @@ def measure(variants: list[str], batch: int, size: int, width: float, reps: int)
     jx, jct = jnp.asarray(x), jnp.asarray(ct)
     calls: dict[str, tuple[Callable, Callable]] = {"torch": (t_fwd, t_grad)}
     ref = t_out()
+
+    def grad_fn(apply: Callable) -> Callable:
+        return jax.jit(
+            jax.value_and_grad(lambda p, x_: jnp.sum(apply(p, x_) * jct), argnums=(0, 1))
+        )
+
+    # Reference gradients: JAX's own VJP of the plain convolution, same process.
+    ref_grads = jax.tree.leaves(grad_fn(_jax_stack(convs["xla"], "NHWC"))(jp, jx)[1])
     for name in variants:
         apply = _jax_stack(convs[name], "NCHW" if name == "nchw" else "NHWC")
-        f = jax.jit(apply)
-        g = jax.jit(
-            jax.value_and_grad(lambda p, x_, a=apply: jnp.sum(a(p, x_) * jct), argnums=(0, 1))
-        )
+        f, g = jax.jit(apply), grad_fn(apply)
         y = np.asarray(f(jp, jx))
         err = float(np.max(np.abs(y - ref)) / (np.max(np.abs(ref)) + 1e-30))
         if err > 1e-3:
             raise AssertionError(f"{name}: output differs from PyTorch's (rel {err:.2e})")
+        for a, b in zip(jax.tree.leaves(g(jp, jx)[1]), ref_grads, strict=True):
+            a, b = np.asarray(a), np.asarray(b)
+            gerr = float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+            if gerr > 1e-3:
+                raise AssertionError(f"{name}: gradient differs from JAX's (rel {gerr:.2e})")
         calls[name] = (
             lambda f=f: f(jp, jx).block_until_ready(),
             lambda g=g: jax.block_until_ready(g(jp, jx)),
@@ -379,19 +428,9 @@ def _time_layer(xn: np.ndarray, wn: np.ndarray, gn: np.ndarray, reps: int) -> di
     import jax.numpy as jnp
     import torch
 
-    from daipnet_jax.models import conv as conv_mod
-
-    pad1 = ((1, 1), (1, 1))
     x, w, g = jnp.asarray(xn), jnp.asarray(wn), jnp.asarray(gn)
-
-    def plain(x_, w_):
-        return conv_mod.conv2d_xla(x_, w_, padding=pad1)
-
-    def taps(x_, w_):
-        return conv_mod.conv2d(x_, w_, padding=pad1)  # taps
-
-    def dw3d(x_, w_):
-        return conv_mod.conv2d_dw3d(x_, w_, padding=pad1)
+    convs = _jax_convs()
+    plain, taps, dw3d = convs["xla"], convs["taps"], convs["dw3d"]
 
     fx = jax.jit(plain)
     dx = jax.jit(lambda w_, g_: jax.vjp(lambda x_: plain(x_, w_), x)[1](g_)[0])

@@ -1,4 +1,4 @@
-"""Evaluation-inference throughput: network + post-processing, batch 8 (issue 7, item 4).
+"""Evaluation-inference throughput: network + post-processing, batch 8.
 
 JAX: `evaluation.make_eval_step` (forward with train=False + `postprocess.detect`, one jitted
 function, static shapes) for DAIPNet300 and LRF300 (COCO, 81 classes, random weights).
@@ -33,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from daipnet_jax.models.conv import add_fast_conv_flags  # noqa: E402
+from daipnet_jax import platform  # noqa: E402
 
-add_fast_conv_flags()  # XLA:CPU convolutions on Eigen, as train.py runs them
+platform.setup()  # as train.py runs: XLA:CPU flag on CPU-only runs, quiet logs
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
 
@@ -87,13 +87,12 @@ def jax_images_per_s(variant: str, width: float, batch: int, repeats: int) -> fl
     from daipnet_jax import models, postprocess
     from daipnet_jax.config import base_config
     from daipnet_jax.evaluation.loop import detect_kwargs
+    from daipnet_jax.training.state import init_variables
 
     config = base_config(variant, "coco", width=width)
     model = models.build(config)
     s = config.model.image_size
-    variables = jax.jit(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3)), train=False)
-    )()
+    variables = init_variables(model, config, jax.random.PRNGKey(0))
     images = np.random.default_rng(0).uniform(0, 255, (batch, s, s, 3)).astype(np.float32)
     _, logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
     bias = background_bias(np.asarray(logits))

@@ -14,7 +14,12 @@ once into `--data_dir`.
     python bench/input_pipeline.py            # ~2 min on 2 cores
     python bench/input_pipeline.py --quick    # smoke test
 
-Last line: `RESULT input_pipeline_speedup=<ours / reference> input_images_per_s=<ours>`.
+Also ours with tf.data limited to 1 and 2 host threads (`threading.private_threadpool_size`,
+no intra-op parallelism): the rate per host core, from which the cores one accelerator needs
+follow (docs/benchmarks_gpu.md).
+
+Last line: `RESULT input_pipeline_speedup=<ours / reference> input_images_per_s=<ours>
+input_images_per_s_1core=... input_images_per_s_2cores=...`.
 """
 
 from __future__ import annotations
@@ -233,7 +238,11 @@ def bench_reference(root: str, workers: int, batches_per_worker: int, batch: int
     return n / (time.perf_counter() - t)
 
 
-def bench_ours(root: str, num_batches: int, batch: int) -> float:
+def bench_ours(root: str, num_batches: int, batch: int, threads: int | None = None) -> float:
+    """Images/s of `pipeline.train_dataset`; `threads` caps tf.data to that many host threads
+    (private thread pool, no intra-op parallelism, as many parallel calls) for a per-core rate."""
+    import tensorflow as tf
+
     from daipnet_jax.config import base_config
     from daipnet_jax.data import pipeline
 
@@ -243,7 +252,14 @@ def bench_ours(root: str, num_batches: int, batch: int) -> float:
     c.data.image_dir = os.path.join(root, "images")
     c.data.max_boxes = 16
     c.train.batch_size = batch
+    if threads:
+        c.data.num_parallel_calls = threads
     ds = pipeline.train_dataset(c, 0, 1)
+    if threads:
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = threads
+        options.threading.max_intra_op_parallelism = 1
+        ds = ds.with_options(options)
     it = ds.as_numpy_iterator()
     for _ in range(3):  # warm-up: tracing, autotune
         next(it)
@@ -268,7 +284,15 @@ def main() -> None:
     ref = bench_reference(root, a.ref_workers, max(1, ref_batches // a.ref_workers), batch)
     print(f"OpenCV/NumPy reference ({a.ref_workers} worker processes): {ref:.1f} images/s")
     print(f"speedup {ours / ref:.2f}x")
-    print(f"RESULT input_pipeline_speedup={ours / ref:.2f} input_images_per_s={ours:.1f}")
+    per_thread = {n: bench_ours(root, ours_batches, batch, threads=n) for n in (1, 2)}
+    for n, rate in per_thread.items():
+        print(
+            f"tf.data pipeline on {n} host thread(s): {rate:.1f} images/s ({rate / n:.1f} per core)"
+        )
+    print(
+        f"RESULT input_pipeline_speedup={ours / ref:.2f} input_images_per_s={ours:.1f} "
+        f"input_images_per_s_1core={per_thread[1]:.1f} input_images_per_s_2cores={per_thread[2]:.1f}"
+    )
 
 
 if __name__ == "__main__":

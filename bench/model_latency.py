@@ -37,9 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from daipnet_jax.models.conv import add_fast_conv_flags  # noqa: E402
+from daipnet_jax import platform  # noqa: E402
 
-add_fast_conv_flags()  # XLA:CPU convolutions on Eigen, as train.py runs them
+platform.setup()  # as train.py runs: XLA:CPU flag on CPU-only runs, quiet logs
 
 MODELS = ("daipnet300", "lrf300", "ssd300")
 CAFFE_MEAN_BGR = (104.0, 117.0, 123.0)

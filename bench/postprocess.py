@@ -1,22 +1,28 @@
-"""Post-processing speed: jitted `postprocess.detect` vs a NumPy per-class greedy-NMS loop.
+"""Post-processing speed: jitted `postprocess.detect` vs a NumPy loop and a torch pipeline.
 
-The NumPy baseline does what the PyTorch reference code does (LRF's `test_LRF.py`, which
-ssd.pytorch's `Detect` resembles): per image, softmax and decode, then a Python loop over the
-classes, each with a vectorised greedy NMS loop run to completion (take the best remaining box,
-drop the others whose IoU with it is > 0.45; py_cpu_nms style), keep the first 50 of each class,
-then the 200 best of the image. No pre-NMS cap.
+References, both on the same synthetic SSD-like outputs (COCO 300: 11620 priors × 81 classes):
 
-Both run on the same synthetic SSD-like outputs (COCO 300: 11620 priors × 81 classes): a few
-objects per image whose surrounding priors get a high class score and regress towards the object
-(many overlapping candidates, as a trained SSD produces), plus background noise, tuned so that a
-few thousand (prior, class) pairs per image score above 0.01. The bench also checks that the
-detections agree (same classes, boxes, scores, order) with the uncapped NumPy reference, which
-measures the effect of `pre_nms_top_k` (config default).
+- NumPy, as LRF's `test_LRF.py` / ssd.pytorch's `Detect`: per image, softmax and decode, a
+  Python loop over the classes, each a vectorised greedy NMS run to completion (IoU > 0.45), the
+  first 50 of each class, then the 200 best. No pre-NMS cap.
+- torch, as torchvision's detection models (torchvision's operators themselves are not used: its
+  wheels need a CUDA torch): softmax and decode over the batch, candidates above the threshold,
+  `batched_nms` as torchvision dispatches it on CPU (one NMS per class above 1000 boxes, else the
+  class-offset trick), the first 50 per class, the 200 best; one thread. NMS: a greedy C++
+  kernel built with `torch.utils.cpp_extension` (like torchvision's CPU kernel; `--torch_nms
+  cpp`, the default when a compiler is found, built once into .cache/torch_nms), or a greedy loop
+  of torch ops (`--torch_nms loop`, used by `--quick`; one Python iteration per kept box).
+
+Outputs: "concentrated" (a trained-like detector: candidates in a few classes) and "flat"
+(`background=7`: noise candidates in every class, like an early-training model). Each scenario
+checks that detect's detections equal the uncapped NumPy reference (classes, boxes, scores,
+order) and that the torch pipeline, run on detect's own softmax and boxes, keeps the same
+(class, prior) set.
 
     python bench/postprocess.py            # full sizes
     python bench/postprocess.py --quick    # tiny sizes (smoke test)
 
-Last line: `RESULT postprocess_speedup_b1=... postprocess_speedup_b8=... ...`.
+Last line: `RESULT postprocess_ms_per_img_b1=... postprocess_vs_torch_b1=... ...`.
 """
 
 from __future__ import annotations
@@ -24,13 +30,17 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from daipnet_jax import postprocess
 from daipnet_jax.config import base_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ NumPy reference
@@ -86,6 +96,138 @@ def reference_detect(loc: np.ndarray, logits: np.ndarray, priors: np.ndarray):
         reference_nms(np_softmax(lg), np_decode(lc, priors))
         for lc, lg in zip(loc, logits, strict=True)
     ]
+
+
+# ------------------------------------------------------------------ torch reference
+_NMS_SOURCE = r"""
+#include <torch/extension.h>
+#include <algorithm>
+#include <vector>
+// Greedy NMS: boxes [n, 4] float32 corners, scores [n] -> kept indices, best first (stable).
+torch::Tensor greedy_nms(torch::Tensor boxes, torch::Tensor scores, double threshold) {
+  auto order_t = std::get<1>(scores.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
+  auto bx = boxes.contiguous();
+  const float* b = bx.data_ptr<float>();
+  const int64_t* order = order_t.data_ptr<int64_t>();
+  const int64_t n = bx.size(0);
+  std::vector<float> area(n);
+  for (int64_t i = 0; i < n; ++i) area[i] = (b[4*i+2] - b[4*i]) * (b[4*i+3] - b[4*i+1]);
+  std::vector<char> removed(n, 0);
+  std::vector<int64_t> keep;
+  for (int64_t a = 0; a < n; ++a) {
+    const int64_t i = order[a];
+    if (removed[i]) continue;
+    keep.push_back(i);
+    for (int64_t c = a + 1; c < n; ++c) {
+      const int64_t j = order[c];
+      if (removed[j]) continue;
+      const float w = std::max(0.f, std::min(b[4*i+2], b[4*j+2]) - std::max(b[4*i], b[4*j]));
+      const float h = std::max(0.f, std::min(b[4*i+3], b[4*j+3]) - std::max(b[4*i+1], b[4*j+1]));
+      const float inter = w * h;
+      const float uni = area[i] + area[j] - inter;
+      if ((uni > 0.f ? inter / uni : 0.f) > threshold) removed[j] = 1;
+    }
+  }
+  return torch::tensor(keep, torch::kLong);
+}
+"""
+
+
+def torch_nms_loop(boxes, scores, threshold: float):
+    """Greedy NMS with torch ops: one Python iteration per kept box; kept indices, best first."""
+    import torch
+
+    order = torch.argsort(scores, descending=True, stable=True)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    keep = []
+    while order.numel() > 0:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        lo = torch.maximum(boxes[i, :2], boxes[rest, :2])
+        hi = torch.minimum(boxes[i, 2:], boxes[rest, 2:])
+        wh = (hi - lo).clamp(min=0)
+        inter = wh[:, 0] * wh[:, 1]
+        union = area[i] + area[rest] - inter
+        iou = torch.where(union > 0, inter / torch.where(union > 0, union, 1.0), 0.0)
+        order = rest[iou <= threshold]
+    return torch.stack(keep) if keep else torch.zeros(0, dtype=torch.long)
+
+
+def torch_nms_cpp():
+    """The C++ greedy NMS (built once into .cache/torch_nms), or None without a compiler."""
+    try:
+        from torch.utils import cpp_extension
+
+        build = REPO / ".cache" / "torch_nms"
+        build.mkdir(parents=True, exist_ok=True)
+        module = cpp_extension.load_inline(
+            "daipnet_bench_nms",
+            _NMS_SOURCE,
+            functions=["greedy_nms"],
+            build_directory=str(build),
+            extra_cflags=["-O2"],
+        )
+        return module.greedy_nms
+    except Exception as err:  # no compiler / headers: the caller falls back to the loop
+        print(f"C++ NMS unavailable ({type(err).__name__}: {str(err)[:200]})", file=sys.stderr)
+        return None
+
+
+def torch_batched_nms(boxes, scores, classes, threshold: float, nms):
+    """torchvision's `batched_nms` dispatch on CPU: per class above 1000 boxes, else offsets."""
+    import torch
+
+    if boxes.numel() > 4000:
+        keep_mask = torch.zeros_like(scores, dtype=torch.bool)
+        for c in torch.unique(classes):
+            idx = torch.nonzero(classes == c).squeeze(1)
+            keep_mask[idx[nms(boxes[idx], scores[idx], threshold)]] = True
+        keep = torch.nonzero(keep_mask).squeeze(1)
+        return keep[torch.argsort(scores[keep], descending=True, stable=True)]
+    offsets = classes.to(boxes.dtype)[:, None] * (boxes.max() - boxes.min() + 1)
+    return nms(boxes + offsets, scores, threshold)
+
+
+def torch_detect(
+    scores, boxes, nms, *, thresh=0.01, nms_iou=0.45, per_class=50, max_det=200
+) -> list[tuple]:
+    """scores [B, P, C] softmax, boxes [B, P, 4] corners → per image (scores, classes, priors)."""
+    import torch
+
+    out = []
+    for b in range(scores.shape[0]):
+        fg = scores[b, :, 1:]
+        prior, cls = torch.nonzero(fg > thresh, as_tuple=True)
+        sc = fg[prior, cls]
+        keep = torch_batched_nms(boxes[b, prior], sc, cls, nms_iou, nms)
+        onehot = torch.nn.functional.one_hot(cls[keep], fg.shape[1])
+        keep = keep[(onehot.cumsum(0) * onehot).sum(1) <= per_class]  # first 50 per class
+        keep = keep[torch.argsort(sc[keep], descending=True, stable=True)[:max_det]]
+        out.append((sc[keep], cls[keep] + 1, prior[keep]))
+    return out
+
+
+def torch_pipeline(loc, logits, priors, nms, variances=(0.1, 0.2)):
+    """The timed torch pipeline from raw outputs: softmax, decode, `torch_detect`."""
+    import torch
+
+    scores = torch.softmax(logits, -1)
+    c = priors[:, :2] + loc[..., :2] * variances[0] * priors[:, 2:]
+    wh = priors[:, 2:] * torch.exp(loc[..., 2:] * variances[1])
+    return torch_detect(scores, torch.cat([c - wh / 2, c + wh / 2], -1), nms)
+
+
+def kept_set_mismatch(jax_out, decoded: np.ndarray, torch_out) -> int:
+    """Images whose (class, prior) kept sets differ; detect's priors found by nearest box."""
+    boxes, _, classes, valid = (np.asarray(x) for x in jax_out)
+    bad = 0
+    for b, (_, t_cls, t_prior) in enumerate(torch_out):
+        n = int(valid[b].sum())
+        dist = np.abs(boxes[b, :n, None, :] - decoded[b][None]).sum(-1)  # [n, P]
+        mine = set(zip(classes[b, :n].tolist(), dist.argmin(1).tolist(), strict=True))
+        bad += mine != set(zip(t_cls.tolist(), t_prior.tolist(), strict=True))
+    return bad
 
 
 # ------------------------------------------------------------------ synthetic outputs
@@ -172,11 +314,15 @@ def best_time(fn, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--torch_nms", choices=("cpp", "loop"), default=None)
     args = ap.parse_args()
 
+    import torch
+
+    torch.set_num_threads(1)
     cfg = base_config("daipnet300", "coco")
-    from daipnet_jax.boxes import prior_boxes
+    from daipnet_jax.boxes import decode, prior_boxes
 
     priors = prior_boxes(cfg)
     num_classes = cfg.model.num_classes
@@ -184,6 +330,10 @@ def main() -> None:
     batches = (1, 8)
     if args.quick:
         priors, num_classes, args.repeats = priors[::20], 11, 1
+    nms_name = args.torch_nms or ("loop" if args.quick else "cpp")
+    nms = torch_nms_cpp() if nms_name == "cpp" else None
+    if nms is None:
+        nms, nms_name = torch_nms_loop, "loop"
 
     fn = jax.jit(
         functools.partial(
@@ -198,45 +348,63 @@ def main() -> None:
     )
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs, load "
-        f"{os.getloadavg()[0]:.1f}), P={priors.shape[0]}, C={num_classes}, "
-        f"pre_nms_top_k={pp.pre_nms_top_k}"
+        f"{os.getloadavg()[0]:.1f}), torch {torch.__version__} (1 thread, NMS: {nms_name}), "
+        f"P={priors.shape[0]}, C={num_classes}, pre_nms_top_k={pp.pre_nms_top_k}"
     )
-    from daipnet_jax.boxes import decode
-
-    results = {}
+    results = {"postprocess_torch_nms": nms_name}
+    t_priors = torch.from_numpy(np.asarray(priors))
     scenarios = (("", 9.0), ("_flat", 7.0))  # concentrated (primary) and flat outputs
     for name, background in scenarios:
         for batch in batches:
             loc, logits = synthetic_outputs(
                 priors, batch, num_classes, seed=batch, background=background
             )
+            t_loc, t_logits = torch.from_numpy(loc), torch.from_numpy(logits)
             scores = np_softmax(logits)
             cand = (scores[..., 1:] > pp.score_threshold).sum((1, 2))
             per_class = (scores[..., 1:] > pp.score_threshold).sum(1).max(1)
             jax.block_until_ready(fn(loc, logits, priors))  # compile
-            t_jax = best_time(
-                lambda lc=loc, g=logits: jax.block_until_ready(fn(lc, g, priors)), args.repeats
+            t_jax, t_torch = float("inf"), float("inf")
+            for _ in range(args.repeats):  # interleaved: both see the same machine load
+                t_jax = min(
+                    t_jax,
+                    best_time(lambda lc=loc, g=logits: jax.block_until_ready(fn(lc, g, priors)), 1),
+                )
+                t_torch = min(
+                    t_torch,
+                    best_time(lambda a=t_loc, g=t_logits: torch_pipeline(a, g, t_priors, nms), 1),
+                )
+            t_np = best_time(
+                lambda lc=loc, g=logits: reference_detect(lc, g, priors), min(args.repeats, 2)
             )
-            t_np = best_time(lambda lc=loc, g=logits: reference_detect(lc, g, priors), args.repeats)
-            # Agreement: the reference NMS on JAX's own softmax/decode (same float32 inputs).
+            # Agreement, on JAX's own softmax/decode (same float32 inputs): the uncapped NumPy
+            # reference (order, boxes, scores) and the torch pipeline (kept sets).
             jax_scores = np.asarray(jax.nn.softmax(logits, -1))
             jax_boxes = np.asarray(decode(loc, priors))
+            out = fn(loc, logits, priors)
             ref = [reference_nms(s, bx) for s, bx in zip(jax_scores, jax_boxes, strict=True)]
-            mismatched = compare(fn(loc, logits, priors), ref)
+            mismatched = compare(out, ref)
+            t_out = torch_detect(torch.tensor(jax_scores), torch.tensor(jax_boxes), nms)
+            torch_mismatched = kept_set_mismatch(out, jax_boxes, t_out)
             kept = [len(r) for r in ref]
-            speedup = t_np / t_jax
+            ms, ms_torch, ms_np = (1e3 * t / batch for t in (t_jax, t_torch, t_np))
             print(
                 f"{name.strip('_') or 'concentrated'} batch {batch}: candidates > "
                 f"{pp.score_threshold} per image {cand.min()}..{cand.max()} (max per class "
-                f"{per_class.max()}), kept {min(kept)}..{max(kept)}; detect "
-                f"{1e3 * t_jax / batch:.1f} ms/img, numpy loop {1e3 * t_np / batch:.1f} ms/img, "
-                f"speedup {speedup:.1f}x; images differing from the uncapped reference: "
-                f"{mismatched}/{batch}"
+                f"{per_class.max()}), kept {min(kept)}..{max(kept)}; detect {ms:.2f} ms/img, "
+                f"torch {ms_torch:.2f} ms/img ({ms_torch / ms:.2f}x), numpy loop {ms_np:.1f} "
+                f"ms/img ({ms_np / ms:.1f}x); images differing from the uncapped reference "
+                f"{mismatched}/{batch}, kept sets differing from torch's {torch_mismatched}/{batch}",
+                flush=True,
             )
-            results[f"postprocess{name}_speedup_b{batch}"] = f"{speedup:.2f}"
-            results[f"postprocess{name}_ms_per_img_b{batch}"] = f"{1e3 * t_jax / batch:.2f}"
-            results[f"postprocess{name}_numpy_ms_per_img_b{batch}"] = f"{1e3 * t_np / batch:.2f}"
-            results[f"postprocess{name}_mismatch_b{batch}"] = str(mismatched)
+            key = f"postprocess{name}"
+            results[f"{key}_ms_per_img_b{batch}"] = f"{ms:.2f}"
+            results[f"{key}_torch_ms_per_img_b{batch}"] = f"{ms_torch:.2f}"
+            results[f"{key}_vs_torch_b{batch}"] = f"{ms_torch / ms:.2f}"
+            results[f"{key}_numpy_ms_per_img_b{batch}"] = f"{ms_np:.2f}"
+            results[f"{key}_speedup_b{batch}"] = f"{ms_np / ms:.2f}"
+            results[f"{key}_mismatch_b{batch}"] = str(mismatched)
+            results[f"{key}_torch_mismatch_b{batch}"] = str(torch_mismatched)
     print("RESULT " + " ".join(f"{k}={v}" for k, v in results.items()))
 
 

@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from daipnet_jax.models.conv import add_fast_conv_flags  # noqa: E402
+from daipnet_jax import platform  # noqa: E402
 
-add_fast_conv_flags()  # XLA:CPU convolutions on Eigen, as train.py runs them
+platform.setup()  # as train.py runs: XLA:CPU flag on CPU-only runs, quiet logs
 
 
 def _time(fn, iters: int) -> float:
@@ -134,7 +134,7 @@ def jax_bench(variant: str, width: float, batch: int, iters: int) -> dict[str, f
 
 
 def torch_multibox(loc, conf, loc_t, cls_t, neg_pos_ratio: int = 3):
-    """SSD MultiBox loss (SPEC §4) in PyTorch, normalised by the batch's positives."""
+    """SSD MultiBox loss in PyTorch, normalised by the batch's positives."""
     import torch
     import torch.nn.functional as F
 

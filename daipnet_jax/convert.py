@@ -32,6 +32,11 @@ import numpy as np
 from daipnet_jax import checkpoints
 from daipnet_jax.checkpoints import METADATA_FILE
 
+if __name__ == "__main__":
+    from daipnet_jax import platform
+
+    platform.setup()  # before JAX starts
+
 FORMATS = ("torchvision-vgg16", "ssd-vgg", "lrf", "ssd")
 __all__ = ["FORMATS", "METADATA_FILE", "ConversionError", "convert_file", "convert_state_dict"]
 

@@ -27,6 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":
+    from daipnet_jax import platform
+
+    platform.setup()  # before JAX starts
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/generated.py:demo"
 # The quick start's AP50 on the generated validation split is 0.6-0.7 (README, two seeds); an

@@ -42,6 +42,11 @@ from typing import Any
 
 import numpy as np
 
+if __name__ == "__main__":
+    from daipnet_jax import platform
+
+    platform.setup()  # before JAX starts
+
 LABEL_MAP_FILE = "label_map.json"
 
 

@@ -1,17 +1,10 @@
-"""Batched, static-shape SSD inference post-processing on device (SPEC §6).
+"""Batched, static-shape SSD inference post-processing on device.
 
 `detect` = softmax → decode → per class (background skipped): score > threshold, greedy NMS at
 IoU > nms_iou, keep ≤ per_class_max → the max_detections best per image. Fixed-size outputs with
-a validity mask; everything is `jax.lax` (top_k, while_loop), vectorised over batch and classes,
-so it runs jitted on the accelerator without host round trips.
-
-Design (choice): one `lax.top_k` per (image, class) row picks the candidates in processing order;
-greedy NMS (`greedy_nms`) then runs for all rows at once in a `lax.while_loop` whose step keeps
-the first alive candidate of every row and kills the alive ones overlapping it by > nms_iou, so
-it needs at most per_class_max steps and computes one IoU row per step: memory O(rows · k),
-no k x k IoU matrix. The threshold is threaded through (no hard-coded 0.5 as in the copied
-"tiled padded NMS", SPEC §9). For speed, candidates are taken in widening tiers and among the
-"active" priors only; both are exact (see `detect`).
+a validity mask; everything is `jax.lax` (top_k, while_loop, map), so it runs jitted on the
+accelerator without host round trips. Why it is built this way, with measurements:
+docs/design.md, "Post-processing".
 """
 
 from __future__ import annotations
@@ -141,7 +134,7 @@ def _per_class_nms(
     nms_iou: float,
     slots: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-class candidates and NMS: fg [B, M, K] scores, decoded [B, M, 4] →
+    """Per-class candidates and NMS: fg [B, K, M] scores, decoded [B, M, 4] →
     (kept scores [B·K, slots], -inf = none; kept indices into M [B·K, slots]), rows image-major.
 
     Tiers of candidate widths w_0 = FIRST_PASS_K < 4·FIRST_PASS_K < k (exact): every row runs
@@ -149,10 +142,10 @@ def _per_class_nms(
     and is redone at w_{t+1}, in chunks of rows inside a `lax.while_loop` that runs as many
     chunks as there are such rows; the last tier uses k.
     """
-    num_b, num_m, num_k = fg.shape
+    num_b, num_k, num_m = fg.shape
     n_rows = num_b * num_k
     widths = sorted({min(k, FIRST_PASS_K), min(k, 4 * FIRST_PASS_K), k})
-    rows = jnp.swapaxes(fg, 1, 2).reshape(n_rows, num_m)  # [B·K, M]
+    rows = fg.reshape(n_rows, num_m)  # [B·K, M]
     rows_img = jnp.arange(n_rows) // num_k
     opts = dict(score_threshold=score_threshold, nms_iou=nms_iou, slots=slots)
     kept_s, kept_i, last = _nms_rows(
@@ -165,7 +158,7 @@ def _per_class_nms(
     )
     for tier, width in enumerate(widths[1:], start=1):
         over = last > score_threshold  # [B·K]: rows that may have more candidates
-        chunk = min(n_rows, max(8, n_rows // (10 * 4 ** (tier - 1))))
+        chunk = min(n_rows, max(8, n_rows // (4 * 4 ** (tier - 1))))
         over_rows = jnp.nonzero(over, size=n_rows + chunk, fill_value=n_rows)[0]
         n_over = jnp.sum(over)
         skip = tier < len(widths) - 1
@@ -215,7 +208,7 @@ def detect(
     max_detections: int = 200,
     pre_nms_top_k: int = 1000,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """SSD detections (SPEC §6): fixed-size, sorted by descending score.
+    """SSD detections: fixed-size, sorted by descending score.
 
     Args:
       loc: [B, P, 4] predicted offsets; logits: [B, P, C] (class 0 = background);
@@ -229,32 +222,14 @@ def detect(
     descending score, ties broken by the lower prior index first; greedy NMS suppresses a box
     whose IoU with a kept box is > nms_iou (strict); the first per_class_max kept boxes of each
     class survive; then the max_detections best of the image, ties broken by the lower class,
-    then the lower prior index (choice).
+    then the lower prior index (choice). pre_nms_top_k (choice) caps each class's candidates
+    to its best before NMS; the default 1000 changed no detection on realistic outputs
+    (docs/design.md).
 
-    pre_nms_top_k (choice): each class's candidates are capped to its `pre_nms_top_k` best before
-    NMS (the reference has no cap). A capped class loses only candidates scoring below its k-th
-    best, which matter only if that class keeps < per_class_max boxes among its top k and one of
-    them would rank in the image's final max_detections. Measured (bench/postprocess.py's
-    synthetic SSD-like COCO 300 outputs: 11620 priors x 81 classes, ~4-4.5 thousand (prior,
-    class) pairs above 0.01 per image, up to ~650 in one class; 32 images) against an uncapped
-    NumPy greedy NMS: k = 400 changed the kept detections of 5 of 32 images (a class with 644
-    candidates lost a box ranked ~90th in its image); k = 1000 (the default) and 3000 changed none.
-    tests/test_postprocess.py checks one such image (a class with 462 candidates) at k = 1000.
-    Raise it for flatter outputs; with the tiers below it costs time only on the classes that
-    have more than 4·FIRST_PASS_K candidates.
-
-    Speed (choice, exact): `lax.top_k` over all priors and the NMS loop dominate on CPU and both
-    grow with k, so NMS runs in tiers of widths. Pass 1 takes the FIRST_PASS_K best of every
-    (image, class) row and runs NMS on them. A row whose FIRST_PASS_K-th candidate is still above
-    the threshold may have more candidates: those rows are redone at 4·FIRST_PASS_K, then at the
-    full pre_nms_top_k, in chunks, inside `lax.while_loop`s (static chunk shapes, as many chunks
-    as needed, so nothing is dropped). The result equals a single pass at pre_nms_top_k.
-    Before that, when every image has at most P // ACTIVE_FRACTION "active" priors (some class
-    above the threshold; `lax.cond`, exact), the candidates are chosen among the active priors
-    only (gathered with `jnp.nonzero` in ascending prior order, so ties resolve as over all P).
-    Each row keeps only its ≤ per_class_max boxes (scores and prior indices), and the final
-    top-k runs on those.
-    Memory: O(B·P·C) for the scores plus O(B·(C−1)·FIRST_PASS_K) for the candidates.
+    Exact speed-ups (docs/design.md): the dense [P, C] work is done one image at a time
+    (`lax.map`, cache-sized on CPU); when every image has at most P // ACTIVE_FRACTION priors
+    with some class above the threshold, only those priors are searched; candidates are taken
+    in widening tiers (FIRST_PASS_K, 4·FIRST_PASS_K, k), only rows that may have more go on.
     """
     loc = jnp.asarray(loc, jnp.float32)
     logits = jnp.asarray(logits, jnp.float32)
@@ -263,32 +238,43 @@ def detect(
     k = min(int(pre_nms_top_k), num_p)
     slots = min(int(per_class_max), k)
     opts = dict(score_threshold=score_threshold, nms_iou=nms_iou, slots=slots)
-
-    scores = jax.nn.softmax(logits, axis=-1)
-    fg = scores[..., 1:]  # [B, P, K]
     decoded = box_lib.decode(loc, priors, variances)  # [B, P, 4]
 
-    def on_all(fg: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return _per_class_nms(fg, decoded, k, **opts)  # type: ignore[arg-type]
+    def stats(lg: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        # softmax pieces of one image's logits [P, C]: max, sum of exp, best foreground score
+        m = lg.max(-1)
+        total = jnp.exp(lg - m[:, None]).sum(-1)
+        return m, total, jnp.exp(lg[:, 1:].max(-1) - m) / total
+
+    def fg_rows(lg: jax.Array, m: jax.Array, total: jax.Array) -> jax.Array:
+        # foreground softmax scores, class-major: [N, C] logits → [K, N], as jax.nn.softmax
+        return (jnp.exp(lg[:, 1:] - m[:, None]) / total[:, None]).T
+
+    m, total, best = jax.lax.map(stats, logits)  # [B, P] each
+
+    def on_all(_: None) -> tuple[jax.Array, jax.Array]:
+        rows = jax.lax.map(lambda a: fg_rows(*a), (logits, m, total))  # [B, K, P]
+        return _per_class_nms(rows, decoded, k, **opts)  # type: ignore[arg-type]
 
     num_active = num_p // ACTIVE_FRACTION
     if min(k, FIRST_PASS_K) < num_active < num_p:
-        best = fg.max(-1)  # [B, P]
 
-        def on_active(fg: jax.Array) -> tuple[jax.Array, jax.Array]:
-            # the active priors in ascending prior order (keeps the tie rule), padded with
-            # prior 0 whose copies get score 0 (never candidates)
-            is_active = best > score_threshold
-            active = jax.vmap(lambda m: jnp.nonzero(m, size=num_active, fill_value=0)[0])(
-                is_active
-            )  # [B, M]
-            real = jnp.arange(num_active) < jnp.sum(is_active, axis=-1, keepdims=True)
-            sub = jnp.where(
-                real[..., None], jnp.take_along_axis(fg, active[..., None], axis=1), 0.0
-            )
+        def on_active(_: None) -> tuple[jax.Array, jax.Array]:
+            def gather(
+                a: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+            ) -> tuple[jax.Array, jax.Array]:
+                lg, m_, t_, b_ = a
+                # the active priors in ascending prior order (keeps the tie rule), padded with
+                # prior 0 whose copies get score 0 (never candidates)
+                idx = jnp.nonzero(b_ > score_threshold, size=num_active, fill_value=0)[0]
+                rows = fg_rows(lg[idx], m_[idx], t_[idx])
+                real = jnp.arange(num_active) < jnp.sum(b_ > score_threshold)
+                return jnp.where(real[None, :], rows, 0.0), idx
+
+            rows, active = jax.lax.map(gather, (logits, m, total, best))  # [B, K, M], [B, M]
             sub_boxes = jnp.take_along_axis(decoded, active[..., None], axis=1)
             kept_s, kept_j = _per_class_nms(
-                sub,
+                rows,
                 sub_boxes,
                 min(k, num_active),
                 **opts,  # type: ignore[arg-type]
@@ -297,9 +283,9 @@ def detect(
             return kept_s, active[rows_img[:, None], kept_j]
 
         fits = jnp.max(jnp.sum(best > score_threshold, axis=-1)) <= num_active
-        kept_s, kept_i = jax.lax.cond(fits, on_active, on_all, fg)
+        kept_s, kept_i = jax.lax.cond(fits, on_active, on_all, None)
     else:
-        kept_s, kept_i = on_all(fg)
+        kept_s, kept_i = on_all(None)
 
     flat_s = kept_s.reshape(num_b, num_k * slots)  # class-major, then rank
     flat_i = kept_i.reshape(num_b, num_k * slots)

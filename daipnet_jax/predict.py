@@ -36,6 +36,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
+if __name__ == "__main__":
+    from daipnet_jax import platform
+
+    platform.setup()  # before JAX starts and TensorFlow loads (below)
+
 from daipnet_jax.data.tfds_sources import COCO_CATEGORY_IDS, COCO_NAMES, VOC_NAMES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")

@@ -15,17 +15,14 @@ os.environ.setdefault(
     str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "jax"),
 )
 
-from daipnet_jax.models.conv import add_fast_conv_flags
+from daipnet_jax import platform
 
-# Convolutions on XLA:CPU's Eigen path: their weight gradients are 2-4x faster (see
-# bench/conv_backward.py); must happen before the JAX backend starts.
-add_fast_conv_flags()
+# Before the JAX backend starts, as every entry point: XLA:CPU flag, quiet logs, compile cache.
+platform.setup(compilation_cache=True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -36,7 +36,87 @@ def test_every_bench_script_runs_quick(tmp_path):
     rows = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| ")][1:]
     scripts = {r[0].strip() for r in rows}
     assert scripts == set(run_all.SCRIPTS), scripts
+    # names, not measures: the fastest conv variant, the torch NMS used, the device
+    names = {"best", "postprocess_torch_nms", "accel_device"}
     for _script, key, value in rows:
         number = value.strip().rstrip("x")
-        if key.strip() != "best":  # names the fastest conv variant
-            float(number)  # every measure is a number
+        if key.strip() in names or (key.strip().endswith("_mfu_pct") and number == "n/a"):
+            continue  # MFU is n/a on a device without a peak in the table (the CPU)
+        float(number)  # every measure is a number
+
+
+# ------------------------------------------------------------------ bench/accelerator.py
+_NO_TENSORFLOW = r"""
+import importlib.abc, sys
+
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+            raise ImportError(f"blocked: {name}")
+
+
+sys.meta_path.insert(0, Block())
+sys.argv = ["accelerator.py"]
+sys.path.insert(0, "bench")
+import accelerator  # top-level set-up (platform) runs here
+# every module its sections import lazily
+from daipnet_jax import boxes, models, postprocess  # noqa: F401
+from daipnet_jax.training import schedule, state, step  # noqa: F401
+import postprocess as bench_postprocess, train_step, torch_reference  # noqa: F401
+assert "tensorflow" not in sys.modules
+print("IMPORTS OK")
+"""
+
+
+def test_accelerator_bench_imports_no_tensorflow():
+    """The GPU machine has no TensorFlow: everything the accelerator bench imports must load with
+    TensorFlow's import blocked (the run itself also asserts it at the end)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_TENSORFLOW],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0 and "IMPORTS OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_accelerator_peak_table():
+    import accelerator
+
+    assert accelerator.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16", None) == 989e12
+    assert accelerator.peak_flops("NVIDIA H100 80GB HBM3", "float32", None) == 495e12  # TF32
+    assert accelerator.peak_flops("NVIDIA H100 80GB HBM3", "float32", "highest") == 67e12
+    assert accelerator.peak_flops("NVIDIA H100 PCIe", "bfloat16", None) == 756e12
+    assert accelerator.peak_flops("NVIDIA H200", "bfloat16", None) == 989e12
+    assert accelerator.peak_flops("cpu", "bfloat16", None) is None
+
+
+def test_accelerator_largest_batch_doubles_until_out_of_memory():
+    import accelerator
+
+    tried = []
+
+    def step_seconds(batch):
+        tried.append(batch)
+        if batch >= 256:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+        return batch / 1000.0
+
+    budget = accelerator.Budget(100.0)
+    assert accelerator.largest_batch(step_seconds, 64, 512, budget, 1.0) == (128, 0.128)
+    assert tried == [64, 128, 256]
+    # the bound stops it; another error is not taken for out-of-memory
+    assert accelerator.largest_batch(step_seconds, 64, 64, budget, 1.0) == (64, 0.064)
+
+    def broken(batch):
+        raise ValueError("shape mismatch")
+
+    with pytest.raises(ValueError, match="shape mismatch"):
+        accelerator.largest_batch(broken, 64, 512, budget, 1.0)
+    # an exhausted budget skips the search and says so
+    spent = accelerator.Budget(0.0)
+    assert accelerator.largest_batch(step_seconds, 64, 512, spent, 5.0) is None
+    assert spent.skipped == ["train batch 64"]

@@ -23,7 +23,6 @@ LAYERS = {
     "daipnet_jax": 0,
     "daipnet_jax.config": 0,
     "daipnet_jax.configs": 0,
-    "daipnet_jax.logs": 0,
     "daipnet_jax.platform": 0,
     "daipnet_jax.models": 1,
     "daipnet_jax.boxes": 2,

@@ -193,10 +193,13 @@ def test_conv_init_is_he_normal_fan_out():
     assert abs(kernel.std() / math.sqrt(2.0 / (256 * 9)) - 1) < 0.05
     assert abs(kernel.mean()) < 0.002
     assert not np.any(np.asarray(params["bias"]))
-    # A pure function of the key: same key, same draw; another key, another draw; under jit too.
+    # A pure function of the key: same key, same draw (under jit up to float rounding: XLA
+    # fuses the normal transform differently); another key, another draw.
+    same = layer.init(jax.random.key(0), jnp.zeros((1, 4, 4, 8)))["params"]["kernel"]
     again = jax.jit(layer.init)(jax.random.key(0), jnp.zeros((1, 4, 4, 8)))["params"]["kernel"]
     other = layer.init(jax.random.key(1), jnp.zeros((1, 4, 4, 8)))["params"]["kernel"]
-    np.testing.assert_array_equal(np.asarray(again), kernel)
+    np.testing.assert_array_equal(np.asarray(same), kernel)
+    np.testing.assert_allclose(np.asarray(again), kernel, rtol=1e-5, atol=1e-7)
     assert not np.allclose(np.asarray(other), kernel)
 
 
@@ -676,13 +679,27 @@ def test_full_width_daipnet300_forward():
     assert np.isfinite(np.asarray(loc)).all() and np.isfinite(np.asarray(logits)).all()
 
 
-def test_model_summary_cli(capsys):
-    from daipnet_jax.models.__main__ import main
+def test_model_summary_cli():
+    import subprocess
+    import sys
 
-    config_file = pathlib.Path(__file__).resolve().parents[1] / "configs" / "coco.py"
-    main(["--config", f"{config_file}:lrf300", "--no-flops"])
-    out = capsys.readouterr().out
-    assert "77,062,496" in out and "priors: 11620" in out and "[1, 11620, 81]" in out
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daipnet_jax.models",
+            "--config=configs/coco.py:lrf300",
+            "--noflops",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "77,062,496" in out.stdout and "priors: 11620" in out.stdout
+    assert "[1, 11620, 81]" in out.stdout
 
 
 def test_module_is_a_flax_module():

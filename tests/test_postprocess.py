@@ -1,4 +1,4 @@
-"""`postprocess.detect` against a plain NumPy per-class greedy NMS (SPEC §6)."""
+"""`postprocess.detect` against a plain NumPy per-class greedy NMS."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 `module.apply(variables, images [B, S, S, 3] float32 RGB 0..255, train=False)` →
 `(loc [B, P, 4] f32, logits [B, P, num_classes] f32)`; variables `{'params', 'batch_stats'}`;
-`train=True` needs `mutable=['batch_stats']` (SPEC §8, CONTRIBUTING.md).
+`train=True` needs `mutable=['batch_stats']` (CONTRIBUTING.md).
 """
 
 from __future__ import annotations
@@ -38,5 +38,5 @@ def model_spec(config: Any) -> ModelSpec:
 
 
 def build(config: Any) -> nn.Module:
-    """The detector for `config` (SPEC §8): family `ssd` or the LRF skeleton with its switches."""
+    """The detector for `config`: family `ssd` or the LRF skeleton with its switches."""
     return Detector(model_spec(config))

@@ -1,4 +1,4 @@
-"""Adaptive feature fusion module, `fusion = affm` (paper §3.1, eqs. 1–3; SPEC §3.3).
+"""Adaptive feature fusion module, `fusion = affm` (paper §3.1.1, eqs. 1–3).
 
 - eq. 1: O_i = ω_i · L_i + (1 − ω_i) · B_i; ω_i one unconstrained scalar parameter per level
   (`level{i}/omega`), initialised to 0 (so training starts from the backbone branch B_i).

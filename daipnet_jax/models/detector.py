@@ -1,4 +1,4 @@
-"""The one detector module that wires the families and switches (SPEC §1–3, §8).
+"""The one detector module that wires the families and switches.
 
 `Detector(spec)` builds, from one code path:
 - family `ssd`: vanilla SSD300/512 in ssd.pytorch's layout (L2Norm(20) on ReLU(conv4_3), plain
@@ -7,7 +7,7 @@
   `topdown ∈ {lrf, pafm}`; `lsn/lrf/lrf` is exact LRF, `ipn/affm/pafm` is DAIPNet.
 
 Forward (LRF skeleton, S = 300; 512 in brackets):
-  x = (images − pixel_mean) / pixel_std                            [B, S, S, 3]  (SPEC §1)
+  x = (images − pixel_mean) / pixel_std                            [B, S, S, 3]
   E1, E2 = backbone(x)               (pre-ReLU taps, [B,38,38,512], [B,19,19,1024])   (§2)
   [E3, E4 (, E5)], head-only [E5, E6] ([E6, E7]) = extras(ReLU(E2))                  (§3.1)
   A = aux(x): LSN → [A1..A3] ([A1..A4]), IPN → [L1..L4]                               (§3.2)

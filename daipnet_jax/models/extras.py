@@ -1,4 +1,4 @@
-"""Extra layers after the backbone (SPEC §3.1) for the LRF skeleton, and ssd.pytorch's extras.
+"""Extra layers after the backbone for the LRF skeleton, and ssd.pytorch's extras.
 
 LRF / DAIPNet (`LRFExtras`), input ReLU(conv7):
 - "OTC(a→b)" = CB(a→a/4, 1×1) then CB−(a/4→b, 3×3, stride 2, pad 1); a ReLU follows on the main

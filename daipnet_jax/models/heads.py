@@ -1,4 +1,4 @@
-"""Multibox heads (SPEC §3.5): per source a 3×3 pad-1 conv (with bias) for loc (k·4 channels)
+"""Multibox heads: per source a 3×3 pad-1 conv (with bias) for loc (k·4 channels)
 and one for conf (k·num_classes), k = anchors per location from the prior table
 (`config.anchors_per_location`). Names `loc{s}` / `conf{s}` = official `loc.s` / `conf.s`.
 

@@ -1,4 +1,4 @@
-"""The image pyramid network, `aux = ipn` (paper §3.2, eqs. 10–13; SPEC §3.2).
+"""The image pyramid network, `aux = ipn` (paper §3.2, eqs. 10–13).
 
 - eq. 10, image pyramid (`image_pyramid`): I_p1 is the normalised image pooled to the first
   detection scale exactly as LRF's scratch network does it (38 at 300, 64 at 512), then

@@ -1,9 +1,9 @@
-"""Building blocks shared by every detector component (SPEC §1–3).
+"""Building blocks shared by every detector component.
 
-- `ConvBN`: "CB(a→b, k×k, s, p)" of SPEC §1 (conv without bias, BatchNorm, ReLU) and, with
+- `ConvBN`: "CB(a→b, k×k, s, p)" (conv without bias, BatchNorm, ReLU) and, with
   `relu=False`, "CB−". Submodule names `conv` / `bn` mirror the official LRF `ConvBlock`.
-- `conv`: a plain convolution ("Conv" in the spec), bias on by default.
-- `batch_norm`: BatchNorm with the spec's constants (eps 1e-5, running-average momentum 0.99 in
+- `conv`: a plain convolution ("Conv"), bias on by default.
+- `batch_norm`: BatchNorm with LRF's constants (eps 1e-5, running-average momentum 0.99 in
   Flax terms, which is PyTorch momentum 0.01).
 - `max_pool`: PyTorch `MaxPool2d` semantics (symmetric −∞ padding, optional ceil mode).
 - `resize_bilinear`: exactly PyTorch `F.interpolate(mode='bilinear', align_corners=False)`
@@ -14,7 +14,7 @@ Every convolution is given an explicit symmetric padding (never 'SAME': with str
 pads asymmetrically, PyTorch does not). Layout NHWC throughout.
 
 choice: initialisation is He-normal with fan-out (`kaiming_normal_(mode='fan_out')`, an untruncated
-normal) for every conv, zero biases, BatchNorm γ = 1, β = 0 (SPEC §3.5).
+normal) for every conv, zero biases, BatchNorm γ = 1, β = 0 (as SSD and LRF).
 """
 
 from __future__ import annotations
@@ -31,30 +31,12 @@ import numpy as np
 Array = jax.Array
 Dtype = Any
 
-BN_MOMENTUM = 0.99  # Flax running-average momentum = 1 - PyTorch momentum 0.01 (SPEC §1)
+BN_MOMENTUM = 0.99  # Flax running-average momentum = 1 - PyTorch momentum 0.01
 BN_EPSILON = 1e-5
 
 
-def conv_init(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
-    """He-normal, fan-out initialiser of an HWIO kernel: N(0, 2 / (kh·kw·C_out)) (SPEC §3.5).
-
-    choice: the normal draws are made by NumPy on the host through `jax.pure_callback`, seeded
-    by the parameter's own key, so the result is still a pure function of the key. Measured on
-    the 2-core machine: `jax.jit(model.init)` of DAIPNet300 at width 0.25 compiled in 98 s with
-    JAX's threefry draws (46 s with `rbg`) against 4.8 s without random draws, because XLA
-    compiles one random-number kernel per parameter. Initialisation is outside the train step,
-    so the host round trip costs nothing there.
-    """
-    fan_out = int(np.prod(shape[:-2], dtype=np.int64)) * shape[-1]
-    std = float(np.sqrt(2.0 / fan_out))
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-
-    def draw(bits: np.ndarray) -> np.ndarray:
-        rng = np.random.default_rng(np.asarray(bits, dtype=np.uint32).ravel().tolist())
-        return (rng.standard_normal(shape) * std).astype(dtype)
-
-    return jax.pure_callback(draw, jax.ShapeDtypeStruct(shape, dtype), key)
+#: He-normal, fan-out, untruncated, of an HWIO kernel: N(0, 2 / (kh·kw·C_out)).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def channels(n: int | float, width: float, minimum: int = 1) -> int:
@@ -78,8 +60,8 @@ def wide_dtype(dtype: Any) -> Any:
 
 
 def normalize(images: Array, mean: Sequence[float], std: Sequence[float]) -> Array:
-    """The model's first step (SPEC §1): `(x - pixel_mean) / pixel_std`, in float32 (float64
-    for float64 images).
+    """The model's first step: `(x - pixel_mean) / pixel_std`, in float32 (float64 for float64
+    images).
 
     images: [B, S, S, 3] RGB in [0, 255] → [B, S, S, 3] float32.
     """
@@ -131,7 +113,7 @@ def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None)
 
 
 class ConvBN(nn.Module):
-    """CB / CB− of SPEC §1: conv (no bias) → BatchNorm → ReLU (ReLU omitted when `relu=False`).
+    """CB / CB−: conv (no bias) → BatchNorm → ReLU (ReLU omitted when `relu=False`).
 
     [B, H, W, Cin] → [B, H', W', features]. Submodules `conv` (kernel) and `bn`
     (scale, bias; batch_stats mean, var), as the official LRF `ConvBlock.{conv,bn}`.
@@ -216,7 +198,7 @@ def _interp_axis(x: Array, axis: int, out_size: int, align_corners: bool) -> Arr
 
 
 def resize_bilinear(x: Array, size: tuple[int, int], align_corners: bool = False) -> Array:
-    """Bilinear resize of [B, H, W, C] to [B, size[0], size[1], C] (SPEC §3.4).
+    """Bilinear resize of [B, H, W, C] to [B, size[0], size[1], C].
 
     Equals PyTorch `F.interpolate(x, size, mode='bilinear', align_corners=...)` (and the
     `scale_factor` form where out = in·factor exactly). Separable: two static gathers plus a

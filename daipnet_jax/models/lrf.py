@@ -1,4 +1,4 @@
-"""LRF's bottom-up fusion (`fusion = lrf`, SPEC §3.3) and top-down path (`topdown = lrf`, §3.4).
+"""LRF's bottom-up fusion (`fusion = lrf`) and top-down path (`topdown = lrf`).
 
 Exact LRF (official `LRF_COCO_300.py` / `_512.py`); every name below is the official module name.
 
@@ -16,7 +16,7 @@ at 512 level 4; levels ≥ 3 never get a BN.
 Top-down (`LRFTopDown`), n = 4 (300) / 5 (512) fused levels:
 - T_j = CB(C_j→128, 1×1)(O_j) for j = 2..n (`proj{j−1}`);
 - U_i = concat_{j=i+1..n}(resize(T_j, size of level i)) (bilinear, PyTorch semantics,
-  `align_corners` switch of SPEC §3.4);
+  `align_corners` switch);
 - P_i = CB(C_i→C_i, 3×3, pad 1)(concat(CB(C_i→C_i/2, 1×1)(O_i), CB(U_i→C_i/2, 1×1)(U_i)))
   (`merge{i}`, `agent{i}`, `convert{i}`), i = 1..n−1.
 """
@@ -37,7 +37,7 @@ from daipnet_jax.models.layers import (
     resize_bilinear,
 )
 
-TOPDOWN_CHANNELS = 128  # T_j channels (SPEC §3.4)
+TOPDOWN_CHANNELS = 128  # T_j channels
 
 
 class LRFFusion(nn.Module):

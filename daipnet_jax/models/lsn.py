@@ -1,4 +1,4 @@
-"""LRF's light-weight scratch network, `aux = lsn` (SPEC §3.2; official `LDS` + `icn{k}`).
+"""LRF's light-weight scratch network, `aux = lsn` (official `LDS` + `icn{k}`).
 
 - Downsample the normalised image with max pools 2×2/2: 300 → 150 → 75 → 38 (the last pool pads 1
   on every side, PyTorch `MaxPool2d(2, 2, padding=1)`), 512 → 256 → 128 → 64.
@@ -60,7 +60,7 @@ class LSNLater(nn.Module):
 
 
 class LSN(nn.Module):
-    """Normalised image [B, S, S, 3] → [A_1, …, A_{n−1}] (SPEC §3.2, `lsn`)."""
+    """Normalised image [B, S, S, 3] → [A_1, …, A_{n−1}] (`lsn`)."""
 
     image_size: int = 300
     width: float = 1.0

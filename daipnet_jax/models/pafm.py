@@ -1,4 +1,4 @@
-"""Pyramid attention fusion module, `topdown = pafm` (paper §3.1, eqs. 4–9; SPEC §3.4).
+"""Pyramid attention fusion module, `topdown = pafm` (paper §3.1.2, eqs. 4–9).
 
 - T_j = CB(C_j→128, 1×1)(O_j), j = 2..n (`proj{j−1}`, shared with the LRF top-down).
 - eq. 4: U_i = X_i^cat = concat_{j>i}(resize(T_j)) (bilinear, PyTorch semantics).

@@ -1,0 +1,143 @@
+"""Runtime switches of the command lines: XLA:CPU flags, quiet logs, the compilation cache.
+
+Every entry point (train.py, evaluate.py, predict, export, the convert CLI, the demo, bench/,
+tests/conftest.py) calls `setup()` first, before JAX starts a backend and before TensorFlow
+loads. Nothing in the library itself sets flags or touches logging.
+
+    setup()                          # XLA:CPU flag, quiet logs
+    setup(compilation_cache=True)    # + the persistent compilation cache (train.py, evaluate.py)
+
+The compilation cache lives in `$JAX_COMPILATION_CACHE_DIR`, by default
+`$XDG_CACHE_HOME/daipnet_jax/jax` (`~/.cache/daipnet_jax/jax`); `JAX_ENABLE_COMPILATION_CACHE=0`
+switches it off. The XLA:CPU flag is skipped with `DAIPNET_CPU_FAST_CONV=0`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import pkgutil
+from collections.abc import MutableMapping
+from pathlib import Path
+
+#: XLA:CPU convolutions on Eigen instead of YNNPACK, whose convolution weight gradients are
+#: 2-4x slower on VGG-16's large maps (bench/conv_backward.py, docs/design.md). Dots and
+#: element-wise fusions keep YNNPACK. Read once, when the CPU backend starts.
+XLA_CPU_FAST_CONV_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+#: jaxlib (major, minor) versions known to accept the flag: XLA aborts at start-up on an
+#: unknown flag, so a newer jaxlib runs without it until checked.
+FAST_CONV_JAXLIB = ((0, 10),)
+
+#: Environment defaults that silence start-up banners: TensorFlow's and oneDNN's INFO and
+#: WARNING lines, libtpu's INFO lines.
+QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TPU_STDERR_LOG_LEVEL": "1", "TPU_MIN_LOG_LEVEL": "1"}
+
+#: Libraries whose INFO lines are dropped (orbax logs a dozen per checkpoint); their warnings
+#: and errors still come through.
+NOISY_LIBRARIES = ("orbax", "etils", "tensorflow_datasets")
+
+_OFF = ("0", "false", "no", "off")
+
+
+def setup(*, compilation_cache: bool = False) -> None:
+    """All runtime switches of an entry point; idempotent. Call before JAX computes anything."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    add_cpu_flags()
+    quiet_library_logs()
+    if compilation_cache:
+        enable_compilation_cache()
+
+
+def accelerator_requested(environ: MutableMapping[str, str] | None = None) -> bool:
+    """True unless this process can only run on CPU.
+
+    `JAX_PLATFORMS` decides when set; otherwise any installed JAX accelerator plugin (CUDA,
+    ROCm, TPU) counts as a request, since JAX then prefers it over the CPU.
+    """
+    env = os.environ if environ is None else environ
+    platforms = [p.strip() for p in env.get("JAX_PLATFORMS", "").lower().split(",") if p.strip()]
+    if platforms:
+        return any(p != "cpu" for p in platforms)
+    names = [ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")]
+    spec = importlib.util.find_spec("jax_plugins")
+    if spec is not None and spec.submodule_search_locations:
+        names += [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)]
+    return bool(names) or importlib.util.find_spec("libtpu") is not None
+
+
+def _jaxlib_version() -> tuple[int, int] | None:
+    try:
+        major, minor = importlib.metadata.version("jaxlib").split(".")[:2]
+        return int(major), int(minor)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+def add_cpu_flags(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Append `XLA_CPU_FAST_CONV_FLAGS` to `XLA_FLAGS` when the run is CPU-only.
+
+    Returns whether the flag was added. Nothing changes when an accelerator is requested (the
+    flag is XLA:CPU's), when the jaxlib is not one in `FAST_CONV_JAXLIB`, when the user already
+    chose a YNNPACK fusion type, or with `DAIPNET_CPU_FAST_CONV=0`.
+    """
+    env = os.environ if environ is None else environ
+    current = env.get("XLA_FLAGS", "")
+    if (
+        env.get("DAIPNET_CPU_FAST_CONV", "1").lower() in _OFF
+        or "xla_cpu_experimental_ynn_fusion_type" in current
+        or _jaxlib_version() not in FAST_CONV_JAXLIB
+        or accelerator_requested(env)
+    ):
+        return False
+    env["XLA_FLAGS"] = (current + " " + XLA_CPU_FAST_CONV_FLAGS).strip()
+    return True
+
+
+def default_cache_dir(environ: MutableMapping[str, str] | None = None) -> Path:
+    """`$JAX_COMPILATION_CACHE_DIR`, else `$XDG_CACHE_HOME/daipnet_jax/jax` (~/.cache/...)."""
+    env = os.environ if environ is None else environ
+    if env.get("JAX_COMPILATION_CACHE_DIR"):
+        return Path(env["JAX_COMPILATION_CACHE_DIR"]).expanduser()
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "daipnet_jax" / "jax"
+
+
+def enable_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path | None:
+    """Persist compiled programs across runs (a resume or a re-evaluation skips compilation).
+
+    Returns the cache folder, or None when `JAX_ENABLE_COMPILATION_CACHE` is off. Programs
+    that compiled in under a second are not stored.
+    """
+    if os.environ.get("JAX_ENABLE_COMPILATION_CACHE", "1").lower() in _OFF:
+        return None
+    import jax
+
+    folder = Path(path).expanduser() if path is not None else default_cache_dir()
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return folder
+
+
+class _DropLibraryInfo(logging.Filter):
+    """Drops INFO (and lower) records emitted from the files of `libraries`."""
+
+    def __init__(self, libraries: tuple[str, ...]) -> None:
+        super().__init__()
+        self._markers = tuple(f"/{name}/" for name in libraries)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return not any(m in record.pathname for m in self._markers)
+
+
+def quiet_library_logs(libraries: tuple[str, ...] = NOISY_LIBRARIES) -> None:
+    """Keep our INFO lines (data reports, metrics) but not the libraries' chatter."""
+    for name in ("absl", ""):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
+            logger.addFilter(_DropLibraryInfo(libraries))
