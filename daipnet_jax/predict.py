@@ -19,7 +19,7 @@ get their parent folder or their extension added (`a/x.jpg`, `b/x.jpg` → `a_x`
 
 Pre-processing (`resize_images`): uint8 RGB → float32, bilinear resize to S×S with half-pixel
 centres and no antialiasing (`tf.image.resize`), aspect ratio not kept, as the evaluation
-pipeline (SPEC §5). The exported SavedModel (`daipnet_jax.export`) uses the same function, so
+pipeline. The exported SavedModel (`daipnet_jax.export`) uses the same function, so
 predictions and the SavedModel agree.
 """
 

@@ -1,4 +1,4 @@
-"""Evaluation loop, evaluate.py, predict and the SavedModel export (issue 7)."""
+"""Evaluation loop, evaluate.py, predict and the SavedModel export."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""COCO evaluation: detections → COCO results JSON → pycocotools `COCOeval` (SPEC §6).
+"""COCO evaluation: detections → COCO results JSON → pycocotools `COCOeval`.
 
 Detections arrive from `postprocess.detect` as normalised corners (xmin, ymin, xmax, ymax) of the
 S×S network input, with contiguous labels 1..K. Because evaluation images are resized to S×S
-without keeping the aspect ratio (SPEC §5), normalised coordinates are also normalised
+without keeping the aspect ratio, normalised coordinates are also normalised
 coordinates of the ORIGINAL image, so the mapping back is a per-axis scale by the original
 (w, h). The COCO results format is absolute pixel [x, y, w, h] with the real category id.
 
@@ -43,7 +43,7 @@ def label_to_category_table(categories: Sequence[Mapping[str, Any]] | Sequence[i
     """Table t with t[k] = COCO category id of contiguous label k (t[0] = 0 = background).
 
     `categories` is either the COCO `categories` list (dicts with `id`) or a list of ids; the
-    contiguous labels 1..K follow the ascending order of the ids (SPEC §1).
+    contiguous labels 1..K follow the ascending order of the ids.
     """
     ids = [int(c["id"]) if isinstance(c, Mapping) else int(c) for c in categories]
     return np.asarray([0, *sorted(ids)], np.int64)

@@ -1,4 +1,4 @@
-"""PASCAL VOC detection mAP: VOC07 11-point and area-based (VOC2010+) AP per class (SPEC §6).
+"""PASCAL VOC detection mAP: VOC07 11-point and area-based (VOC2010+) AP per class.
 
 Follows the VOC devkit's `VOCevaldet` logic:
 - per class, all detections of all images sorted by descending score;
