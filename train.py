@@ -2,9 +2,15 @@
 
 Any config value can be overridden with `--config.KEY=VALUE` (e.g. `--config.train.batch_size=8`);
 unknown keys are refused by ml_collections, inconsistent values by
-`daipnet_jax.validate.validate_config` before anything is compiled. The evaluation run during
-and after training is `daipnet_jax.evaluation.evaluate_during_training`, passed to the loop. Re-running with the same
-`--workdir` resumes from its latest checkpoint. SIGTERM saves a checkpoint and exits cleanly.
+`daipnet_jax.validate` before anything is compiled. The evaluation run during and after
+training is `daipnet_jax.evaluation.evaluate_during_training`, passed to the loop.
+
+The first run writes the resolved config to `WORKDIR/config.json`. Re-running with the same
+`--workdir` resumes from its newest readable checkpoint; `--config` may then be left out (the
+saved one is used) and a `--config` that differs outside the keys a resume may change (durations,
+periods, evaluation, data paths: `config.RESUME_MAY_CHANGE`) is refused. SIGTERM during the
+steps saves a checkpoint and exits cleanly. Errors are one line on stderr (exit 2;
+`DAIPNET_TRACEBACK=1` shows the traceback).
 
 Several processes (multi-host): pass `--coordinator_address HOST:PORT --num_processes N
 --process_id I` on every process, or rely on the environment that `jax.distributed.initialize()`
@@ -15,7 +21,6 @@ detects by itself (SLURM, Cloud TPU, Open MPI, `JAX_COORDINATOR_ADDRESS`, ...), 
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 from absl import app, flags
@@ -41,7 +46,7 @@ _DIST = flags.DEFINE_bool(
 _LOCAL_DEVICES = flags.DEFINE_string(
     "local_device_ids", None, "multi-process: comma-separated local device ids of this process"
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: list[str]) -> None:
@@ -62,19 +67,17 @@ def main(argv: list[str]) -> None:
             kwargs["local_device_ids"] = [int(i) for i in _LOCAL_DEVICES.value.split(",")]
         jax.distributed.initialize(**kwargs)
 
-    from daipnet_jax.config import ConfigError
+    from daipnet_jax import cli
     from daipnet_jax.evaluation import evaluate_during_training
     from daipnet_jax.training import NonFiniteError, train_and_evaluate
 
     try:
         train_and_evaluate(_CONFIG.value, str(_WORKDIR.value), eval_fn=evaluate_during_training)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
     except NonFiniteError as e:
-        print(f"training stopped: {e}", file=sys.stderr)
-        sys.exit(3)
+        cli.fail(f"training stopped: {e}", code=3)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from daipnet_jax import cli
+
+    cli.run(main, dir_flags=("workdir",))
