@@ -54,11 +54,10 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     source = FLAGS.checkpoint or FLAGS.workdir
     out_dir = FLAGS.workdir or FLAGS.checkpoint
-    if cli.SAVED_FROM is None:  # --config given: it must describe the trained model
-        for d in (FLAGS.checkpoint, FLAGS.workdir):
-            if d and checkpoints.saved_config_path(d).is_file():
-                cli.check_config(config, d, "eval")
-                break
+    for d in (FLAGS.checkpoint, FLAGS.workdir):  # the model must be the trained one
+        if d and checkpoints.saved_config_path(d).is_file():
+            cli.check_config(config, d, "eval")
+            break
     if FLAGS.max_images < 0:
         cli.fail(f"--max_images: {FLAGS.max_images} must be >= 0 (0: every image)")
     if FLAGS.max_images:

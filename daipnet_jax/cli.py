@@ -77,7 +77,7 @@ def _config_key_error(argv: Sequence[str], error: BaseException) -> str | None:
         name = key.split(".")[-1]
         if name in quoted or f'"{name}"' in text:
             hint = re.search(r'Did you mean "([^"]+)"', text)
-            more = f'; did you mean "{key.rsplit(".", 1)[0]}.{hint.group(1)}"?' if hint else ""
+            more = f"; did you mean --{key.rsplit('.', 1)[0]}.{hint.group(1)}?" if hint else ""
             return f"--{key}: no such config key{more}"
     return None
 
@@ -123,8 +123,8 @@ def run(
     argv: Sequence[str] | None = None,
 ) -> None:
     """`absl.app.run(main)` with the saved config as the default `--config` (from the first
-    given flag of `dir_flags`) and one-line errors. `main` may read `SAVED_FROM` (the folder
-    whose config was used, None when `--config` was given)."""
+    given flag of `dir_flags`) and one-line errors. `SAVED_FROM` holds the folder whose config
+    was used (None when `--config` was given)."""
     from absl import app
 
     global SAVED_FROM

@@ -202,10 +202,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(
             "--checkpoint is required (a training workdir or a converted checkpoint)"
         )
-    if cli.SAVED_FROM is None:  # --config given: it must fit the trained model
-        cli.check_config(
-            config, str(checkpoints.saved_config_path(FLAGS.checkpoint).parent), "eval"
-        )
+    # The model must be the trained one (`--config.model.*` overrides included).
+    cli.check_config(config, str(checkpoints.saved_config_path(FLAGS.checkpoint).parent), "eval")
     variables = restore_variables(config, FLAGS.checkpoint, FLAGS.step)
     path = export_saved_model(config, variables, FLAGS.out, batch_size=FLAGS.batch_size)
     print(f"SavedModel written to {path} (signatures: serving_default, serve_single, label_map)")

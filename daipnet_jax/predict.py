@@ -400,7 +400,7 @@ def main(argv: Sequence[str]) -> None:
 
     FLAGS = flags.FLAGS
     config = FLAGS.config
-    if cli.SAVED_FROM is None and FLAGS.checkpoint:  # --config given: it must fit the model
+    if FLAGS.checkpoint:  # the model must be the trained one (`--config.model.*` included)
         cli.check_config(config, str(checkpoint_config_dir(FLAGS.checkpoint)), "eval")
     out = Path(FLAGS.out).resolve()
     paths = [
