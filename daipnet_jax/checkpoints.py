@@ -233,6 +233,8 @@ def load_variables_and_step(
             raise CheckpointError(f"a step was given but {str(path)!r} is not a training workdir")
         try:
             tree = _read_tree(p)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"no checkpoint found at {str(path)!r}: {_first_line(e)}") from e
         except Exception as e:  # orbax raises assorted errors on non-checkpoint folders
             _drop_closed_loop_noise()
             raise CheckpointError(
