@@ -30,6 +30,7 @@ SCRIPTS = [
     "train_step.py",
     "eval.py",
     "conv_backward.py",
+    "resume.py",
 ]
 PACKAGES = [
     "jax",

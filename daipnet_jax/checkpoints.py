@@ -4,9 +4,12 @@ Two layouts hold model variables `{'params', 'batch_stats'}`:
 
 - a training workdir: `WORKDIR/checkpoints/<step>/{state,meta}` (`Checkpointer`); `state` is
   the whole `TrainState` (params, batch stats, optimiser state, step, RNG key, NaN-guard
-  record), `meta` a JSON with the data position (batches consumed), the step and the config.
+  record), `meta` a JSON with the data position (batches consumed, and per process the record
+  index its stream resumes at) and the step; the run's config is `WORKDIR/config.json`.
   Saves are atomic (orbax writes a temporary directory and renames it), so a run killed
   mid-save leaves the previous checkpoint as the latest; `max_to_keep` = `train.keep_checkpoints`.
+  Steps that do not restore are skipped for the newest one that does (`restore_newest`,
+  `load_variables`), named in a warning and never deleted.
 - a converted folder (`python -m daipnet_jax.convert`, `save_variables`): one orbax pytree item
   `DIR` holding `{'params', 'batch_stats'}` (float32 leaves; only the backbone for the VGG
   formats) plus `DIR/conversion.json` (format, input, model section, counts).

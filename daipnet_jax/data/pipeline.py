@@ -12,6 +12,11 @@ at build time (`DataStats`), boxes are repaired by `sanitize`, crowd boxes and e
 without boxes are skipped, undecodable images are dropped by `ignore_errors`; the counts are
 `TrainIterator.stats`. Per-example seeds `[seed, i · process_count + process_index]` make the
 batches independent of the parallelism.
+
+The training stream is addressed by record index i (docs/design.md, resume by record index):
+folder sources gather record `perm_e[i mod n]` of the shard, a stateless permutation per epoch
+e = i div n, so `make_train_iterator(..., start_index=i0)` starts at i0 producing nothing before
+it; `TrainIterator.next_index(k)` is the index that follows k batches (what a checkpoint keeps).
 """
 
 from __future__ import annotations
