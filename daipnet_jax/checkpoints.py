@@ -194,18 +194,36 @@ def _is_training_dir(path: Path) -> bool:
     return any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
 
 
+class _DropItemMetadataNotes(logging.Filter):
+    """orbax warns that an item directory (`<step>/state`) has no step-level metadata file on
+    every read of one; that is the layout, not a problem."""
+
+    NOTES = ("Metadata file does not exist", "Failed to get item metadata")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTES)
+
+
 def _read_tree(item: Path) -> dict[str, Any]:
     """One orbax pytree item as host NumPy arrays (whatever sharding wrote it)."""
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(item)
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    restore_args = jax.tree_util.tree_map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-        tree,
-        is_leaf=lambda x: isinstance(x, ocp.metadata.value.Metadata),
-    )
-    return dict(ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args)))
+    note_filter = _DropItemMetadataNotes()
+    loggers = [logging.getLogger("absl"), logging.getLogger()]
+    for lg in loggers:
+        lg.addFilter(note_filter)
+    try:
+        ckptr = ocp.PyTreeCheckpointer()
+        meta = ckptr.metadata(item)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        restore_args = jax.tree_util.tree_map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+            tree,
+            is_leaf=lambda x: isinstance(x, ocp.metadata.value.Metadata),
+        )
+        return dict(ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args)))
+    finally:
+        for lg in loggers:
+            lg.removeFilter(note_filter)
 
 
 def saved_steps(directory: Path) -> list[int]:

@@ -239,6 +239,7 @@ def test_evaluate_falls_back_and_partial_metrics(trained, tmp_path):
     assert (tmp_path / "pred" / "in.json").exists()
 
 
+@pytest.mark.slow  # shares the trained workdir
 def test_evaluate_errors_name_the_step(trained, tmp_path):
     """--step that does not exist lists the saved steps; when no step restores (a truncated
     array file in 4, a missing _METADATA in 2) both are named and nothing is evaluated."""
@@ -259,6 +260,7 @@ def test_evaluate_errors_name_the_step(trained, tmp_path):
 
 
 # ------------------------------------------------------------------ the saved config
+@pytest.mark.slow  # shares the trained workdir
 def test_saved_config_refuses_a_conflicting_config(trained, tmp_path):
     """config.json is the resolved config (readable JSON). A resume or evaluation with another
     model is refused in one line naming the keys; nothing in the workdir changes."""
@@ -376,6 +378,7 @@ def test_bad_training_data_fails_before_compiling(coco_folder_data, tmp_path):
         print(f"\n{message[:40]}: {time.perf_counter() - start:.1f} s")
 
 
+@pytest.mark.slow  # shares the trained workdir
 def test_evaluation_errors_keep_earlier_metrics(trained, tmp_path):
     """An empty evaluation image folder and an unwritable eval folder fail before evaluating,
     in one line; metrics written earlier are not touched."""
