@@ -64,8 +64,9 @@ def main(argv: list[str]) -> None:
         config.data.eval_max_images = FLAGS.max_images
     validate_config(config)
     validate_inputs(config, train=False, evaluate=True)
-    check_writable(os.path.join(out_dir, "eval"), "--workdir" if FLAGS.workdir else "--checkpoint")
     variables, step = checkpoints.restore_variables_and_step(config, source, FLAGS.step)
+    # Before the evaluation, not after it: a folder that cannot take the metrics fails now.
+    check_writable(os.path.join(out_dir, "eval"), "--workdir" if FLAGS.workdir else "--checkpoint")
     logging.info("evaluating %s (step %s)", source, step)
     metrics = loop.run_evaluation(config, variables, workdir=out_dir, step=step)
     per_class = metrics.pop("per_class", {})
