@@ -35,10 +35,7 @@ def _check_not_empty(config: Any, split: str) -> None:
     if n == 0:
         raise BrowseError(f"the {split} split of data source {config.data.source!r} has no images")
     train_folder = split == "train" and config.data.source != "tfds"
-    if (
-        train_folder
-        and int(np.sum(sources.get(config).folder_records(config, "train").counts)) == 0
-    ):
+    if train_folder and int(np.sum(sources.get(config).folder_records(config, "train").counts)) == 0:
         raise BrowseError("no training image has a box: training would skip every image")
 
 
