@@ -383,7 +383,7 @@ def test_evaluation_errors_keep_earlier_metrics(trained, tmp_path):
     """An empty evaluation image folder and an unwritable eval folder fail before evaluating,
     in one line; metrics written earlier are not touched."""
     workdir = _copy(trained, tmp_path)
-    (workdir / "eval").mkdir()
+    (workdir / "eval").mkdir(exist_ok=True)  # training's final evaluation may have made it
     (workdir / "eval" / "metrics.json").write_text('{"AP": 0.25, "step": 4}')
     before = _hashes(workdir)
     ann = Path(trained["data"]["dir"]) / "instances_val.json"
@@ -407,6 +407,7 @@ def test_evaluation_errors_keep_earlier_metrics(trained, tmp_path):
     # A workdir whose eval folder cannot be written (a file in its place; chmod does not stop
     # root): refused before evaluating.
     blocked = _copy(trained, tmp_path, "blocked")
+    shutil.rmtree(blocked / "eval", ignore_errors=True)
     (blocked / "eval").write_text("not a folder")
     before = _hashes(blocked)
     line = _error_line(_run(["evaluate.py", f"--workdir={blocked}"]))
