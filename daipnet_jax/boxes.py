@@ -36,7 +36,7 @@ def prior_boxes(config: Any) -> np.ndarray:
     centre ((j + 0.5)/f_k, (i + 0.5)/f_k) with f_k = S / step_k, then the sizes in this order:
     min_k; sqrt(min_k·max_k); for each ratio r: (min_k·√r, min_k/√r), (min_k/√r, min_k·√r); all
     divided by S; (row, column, anchor) is the heads' NHWC order. `priors.clip` clamps cx, cy,
-    w, h to [0, 1] (as ssd.pytorch's PriorBox). Computed in float64, cast to float32.
+    w, h to [0, 1] (as ssd.pytorch's PriorBox).
     """
     table, size = _prior_section(config)
     out: list[list[float]] = []
@@ -73,10 +73,7 @@ def corners_to_center(boxes: jax.Array) -> jax.Array:
 
 
 def iou(a: Any, b: Any, xp: Any = jnp) -> Any:
-    """Intersection over union of corner boxes: a [..., N, 4], b [..., M, 4] → [..., N, M].
-
-    No "+1" in areas (docs/design.md, Box areas); IoU 0 where the union is 0; `xp=np`: host.
-    """
+    """IoU of corner boxes a [..., N, 4], b [..., M, 4] → [..., N, M] (docs/design.md, Box areas)."""
     a = jnp.asarray(a, jnp.float32) if xp is jnp else np.asarray(a)
     b = jnp.asarray(b, jnp.float32) if xp is jnp else np.asarray(b)
     lo = xp.maximum(a[..., :, None, :2], b[..., None, :, :2])
@@ -90,10 +87,7 @@ def iou(a: Any, b: Any, xp: Any = jnp) -> Any:
 
 
 def encode(matched: jax.Array, priors: jax.Array, variances: Variances = (0.1, 0.2)) -> jax.Array:
-    """SSD regression targets: matched [..., P, 4] corners, priors [P, 4] centre → [..., P, 4].
-
-    ((g_c − p_c) / (v0 · p_wh), log(g_wh / p_wh) / v1), g the matched truth in centre form.
-    """
+    """matched [..., P, 4] corners, priors [P, 4] → ((g_c − p_c) / (v0·p_wh), log(g_wh / p_wh) / v1)."""
     priors = jnp.asarray(priors, jnp.float32)
     g = corners_to_center(jnp.asarray(matched, jnp.float32))
     g_c = (g[..., :2] - priors[:, :2]) / (variances[0] * priors[:, 2:])

@@ -6,10 +6,7 @@
 - `lrf`: official LRF300 / LRF512 (`vaesl/LRF-Net`) into the `lsn/lrf/lrf` model
   (`lrf_entries`, the one key map); use with `model.align_corners=True` (docs/design.md).
 - `ssd`: ssd.pytorch SSD300 into the `ssd` family.
-
-Caffe-style sources (all but torchvision) read BGR: convs reading the image get their input
-channels reversed. Every key is consumed and shape-checked; the first bad key raises
-`ConversionError` (docs/design.md, Converted weights).
+Every key is consumed and shape-checked (docs/design.md, Converted weights).
 
     python -m daipnet_jax.convert lrf --input LRF_COCO_300.pth \\
         --config configs/coco.py:lrf300 --config.model.align_corners=True --output DIR
@@ -170,7 +167,6 @@ def convbn_entries(tkey: str, path: Path, *, bgr: bool = False) -> list[Entry]:
 
 # ------------------------------------------------------------------ applying a mapping
 def flatten(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
-    """Nested dict → {path tuple: leaf}."""
     out: dict[Path, Any] = {}
     for k, v in tree.items():
         if isinstance(v, Mapping):
@@ -181,7 +177,6 @@ def flatten(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
 
 
 def unflatten(flat: Mapping[Path, Any]) -> dict[str, Any]:
-    """{path tuple: leaf} → nested dict."""
     out: dict[str, Any] = {}
     for path, v in flat.items():
         node = out
@@ -481,7 +476,6 @@ def _to_numpy(v: Any) -> np.ndarray:
 def convert_file(
     fmt: str, input_path: str | pathlib.Path, config: Any, output: str | pathlib.Path
 ) -> pathlib.Path:
-    """Load `input_path`, convert (`convert_state_dict`), save to `output`; returns the directory."""
     sd = load_state_dict(input_path)
     variables = convert_state_dict(fmt, sd, config)
     meta = {

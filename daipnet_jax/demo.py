@@ -40,7 +40,6 @@ def _show(cmd: list[str]) -> None:
 
 
 def run(cmd: list[str]) -> float:
-    """Run a command in the foreground; returns its wall time."""
     _show(cmd)
     start = time.perf_counter()
     if subprocess.run(cmd, cwd=REPO).returncode != 0:

@@ -50,8 +50,6 @@ class DistributedFlags:
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> DistributedFlags:
-    """Defines `--coordinator_address`, `--num_processes`, `--process_id`, `--local_device_ids`
-    and `--distributed` on `flag_values`."""
     return DistributedFlags(
         coordinator_address=flags.DEFINE_string(
             "coordinator_address",

@@ -16,7 +16,6 @@ def smooth_l1(x: jax.Array) -> jax.Array:
 
 
 def _wide(x: jax.Array) -> jax.Array:
-    """`x` in float32, or float64 when it is float64 (the reference runs under jax_enable_x64)."""
     x = jnp.asarray(x)
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 

@@ -103,8 +103,6 @@ def enable_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path
 
 
 class _DropLibraryInfo(logging.Filter):
-    """Drops INFO (and lower) records emitted from the files of `libraries`."""
-
     def __init__(self, libraries: tuple[str, ...]) -> None:
         super().__init__()
         self._markers = tuple(f"/{name}/" for name in libraries)

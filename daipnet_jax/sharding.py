@@ -21,7 +21,6 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over `data`."""
     return NamedSharding(mesh, P(AXIS))
 
 

@@ -69,7 +69,6 @@ def _polygon(shape: str, x0: float, y0: float, x1: float, y1: float) -> list[tup
 
 
 def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, np.ndarray]:
-    """Textured, noisy background [size, size, 3] and its mean colour."""
     base = rng.uniform(40, 215, size=3)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     direction = rng.uniform(-1, 1, size=2)

@@ -33,7 +33,6 @@ def _figure(width: float, height: float, dpi: int = 100) -> Any:
 def draw_per_class_ap(
     per_class_ap: Mapping[str, float | None], path: str, *, metric: str = "AP"
 ) -> Any:
-    """Writes the bar chart to `path`; returns the matplotlib Figure."""
     names = list(per_class_ap)
     values = [per_class_ap[n] for n in names]
     defined = [v for v in values if v is not None]

@@ -279,7 +279,6 @@ def results_file_name(split: str | None, name: str = "daipnet") -> str:
 
 
 def format_table(per_class: Mapping[str, Mapping[str, float]]) -> str:
-    """A plain-text per-class table (one row per class, the columns of its dicts)."""
     if not per_class:
         return ""
     cols = list(next(iter(per_class.values())).keys())
