@@ -98,7 +98,9 @@ class TopDown(nn.Module):
     def __call__(self, outs: Sequence[Array], train: bool = False) -> list[Array]:
         ts = project_levels(outs, self.width, self.dtype, train)
         return [
-            self.level(i, o, upsampled_context(ts, i, o.shape[1:3], self.align_corners), train)
+            self.level(
+                i, o, upsampled_context(ts, i, (o.shape[1], o.shape[2]), self.align_corners), train
+            )
             for i, o in enumerate(outs[:-1])
         ]
 
