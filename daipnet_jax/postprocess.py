@@ -27,10 +27,8 @@ def _iou_row(box: jax.Array, others: jax.Array) -> jax.Array:
 
 
 def greedy_nms(cand_boxes: jax.Array, valid: jax.Array, nms_iou: float, max_keep: int) -> jax.Array:
-    """Greedy NMS of cand_boxes [..., k, 4] (by descending score), valid [..., k] → keep [..., k].
-
-    Suppresses IoU > nms_iou with an earlier kept box; ≤ max_keep steps, all rows at once.
-    """
+    """Greedy NMS of cand_boxes [..., k, 4] (by descending score), valid [..., k] → keep [..., k]."""
+    # One while-loop step per kept box for all rows at once: ≤ max_keep steps, no k × k matrix.
     k = cand_boxes.shape[-2]
     ranks = jnp.arange(k)
 
@@ -114,10 +112,8 @@ def _per_class_nms(
     nms_iou: float,
     slots: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """fg [B, K, M], decoded [B, M, 4] → (kept scores [B·K, slots], indices into M), image-major.
-
-    Widening tiers FIRST_PASS_K, 4·FIRST_PASS_K, k (exact; docs/design.md, Post-processing).
-    """
+    """fg [B, K, M], decoded [B, M, 4] → (kept scores [B·K, slots], indices into M), image-major."""
+    # Widening tiers FIRST_PASS_K, 4·FIRST_PASS_K, k (exact; docs/design.md, Post-processing).
     num_b, num_k, num_m = fg.shape
     n_rows = num_b * num_k
     widths = sorted({min(k, FIRST_PASS_K), min(k, 4 * FIRST_PASS_K), k})

@@ -104,10 +104,7 @@ def _coco_from_dict(gt: Mapping[str, Any]) -> Any:
 
 
 class CocoEvaluator:
-    """Accumulates detections (`add_batch`), scores them with pycocotools (`evaluate`).
-
-    `gt_dict=None` is test-dev mode: `evaluate` returns {}, only `write_results` matters.
-    """
+    """Accumulates detections, scores them with pycocotools; `gt_dict=None`: test-dev mode."""
 
     def __init__(
         self,

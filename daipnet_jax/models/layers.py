@@ -90,10 +90,7 @@ def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None)
 
 
 class ConvBN(nn.Module):
-    """CB / CB− (`relu=False`): conv (no bias) → BN → ReLU; [B, H, W, Cin] → [B, H', W', features].
-
-    Submodules `conv`, `bn` as the official LRF `ConvBlock`.
-    """
+    """CB / CB− (`relu=False`): conv (no bias) → BN → ReLU; [B, H, W, Cin] → [B, H', W', features]."""
 
     features: int
     kernel: int
@@ -169,10 +166,8 @@ def _interp_axis(x: Array, axis: int, out_size: int, align_corners: bool) -> Arr
 
 
 def resize_bilinear(x: Array, size: tuple[int, int], align_corners: bool = False) -> Array:
-    """PyTorch `F.interpolate(mode='bilinear')`: [B, H, W, C] → [B, size[0], size[1], C].
-
-    Separable static gathers (exact under any matmul precision); float32 inside.
-    """
+    """PyTorch `F.interpolate(mode='bilinear')`: [B, H, W, C] → [B, size[0], size[1], C]."""
+    # Separable static gathers: exact under any matmul precision; float32 inside.
     if tuple(x.shape[1:3]) == tuple(size):
         return x
     y = x.astype(jnp.float32)

@@ -69,10 +69,7 @@ class LRFFusion(nn.Module):
 
 
 def project_levels(outs: Sequence[Array], width: float, dtype: Dtype, train: bool) -> list[Array]:
-    """T_j = CB(C_j→128, 1×1)(O_j), j = 2..n, named `proj{j−1}`.
-
-    Call it from a compact `__call__`: the submodules bind to the calling module's scope.
-    """
+    """T_j = CB(C_j→128, 1×1)(O_j), j = 2..n, named `proj{j−1}` (call from a compact method)."""
     return [
         ConvBN(channels(TOPDOWN_CHANNELS, width), 1, dtype=dtype, name=f"proj{j}")(o, train)
         for j, o in enumerate(outs[1:], start=1)
