@@ -1,13 +1,15 @@
 """Evaluate a checkpoint: COCO (pycocotools, 12 numbers + per-class AP) or VOC (VOC07 mAP).
 
-    python evaluate.py --config configs/coco.py:daipnet300 --workdir DIR [--step N]
+    python evaluate.py --workdir DIR [--step N] [--max_images N] [--config.key=value ...]
     python evaluate.py --config configs/coco.py:lrf300 --checkpoint CONVERTED_DIR [--workdir OUT]
-        [--config.key=value ...]
 
-`--workdir`: a training workdir; the latest (or `--step`) checkpoint of `DIR/checkpoints` is
-evaluated and the outputs go to `DIR/eval/`. `--checkpoint`: a converted checkpoint directory
-(`python -m daipnet_jax.convert`) or another training workdir; outputs go to `--workdir` if
-given, else `CHECKPOINT/eval/`.
+`--workdir`: a training workdir; its newest checkpoint that restores (or `--step`) of
+`DIR/checkpoints` is evaluated and the outputs go to `DIR/eval/`. `--checkpoint`: a converted
+checkpoint directory (`python -m daipnet_jax.convert`), another training workdir or its
+`checkpoints_best`; outputs go to `--workdir` if given, else `CHECKPOINT/eval/`. `--config`
+defaults to the config the training saved (`WORKDIR/config.json`); a given `--config` whose
+model differs from it is refused. `--max_images N`: a quick evaluation of the first N images,
+written to `eval/metrics_partial.json` only (full-run metrics are never overwritten by it).
 
 Several processes: `--coordinator_address HOST:PORT --num_processes N --process_id I` on every
 process, as for `train.py` (see `daipnet_jax.distributed`); each reads its own shard of the
@@ -16,13 +18,14 @@ evaluation set and the first process writes the outputs.
 Outputs: `eval/metrics.json` (+ `metrics_<step>.json`), the COCO results file
 (`detections_<split>_<name>_results.json`; for test-dev, the server format and nothing else),
 `eval/per_class_ap.png` (a bar per class) and `eval/pr_curves.png` (precision-recall per class
-at IoU 0.5), TensorBoard scalars `eval/*` and `eval/per_class/<class name>`.
+at IoU 0.5), TensorBoard scalars `eval/*` and `eval/per_class/<class name>`. Everything is
+checked before the model is compiled; errors are one line on stderr (exit 2).
 """
 
 from __future__ import annotations
 
 import json
-import sys
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -34,9 +37,9 @@ platform.setup(compilation_cache=True)  # before JAX starts: flags, quiet logs, 
 config_flags.DEFINE_config_file("config", None, "config file (file.py:arg)", lock_config=False)
 flags.DEFINE_string("workdir", None, "training workdir (checkpoints + outputs)")
 flags.DEFINE_string("checkpoint", None, "a converted checkpoint directory (instead of a workdir)")
-flags.DEFINE_integer("step", None, "checkpoint step of the workdir (default: latest)")
+flags.DEFINE_integer("step", None, "checkpoint step of the workdir (default: newest readable)")
+flags.DEFINE_integer("max_images", 0, "evaluate only the first N images (partial metrics)")
 _DISTRIBUTED = distributed.define_flags()
-flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
@@ -44,25 +47,28 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     _DISTRIBUTED.initialize()
-    if not FLAGS.workdir and not FLAGS.checkpoint:
-        raise app.UsageError("give --workdir DIR (training checkpoints) or --checkpoint PATH")
-    from daipnet_jax import checkpoints
-    from daipnet_jax.config import ConfigError
+    from daipnet_jax import checkpoints, cli
     from daipnet_jax.evaluation import coco, loop
-    from daipnet_jax.validate import validate_config
+    from daipnet_jax.validate import check_writable, validate_config, validate_inputs
 
+    if not FLAGS.workdir and not FLAGS.checkpoint:
+        cli.fail("give --workdir DIR (training checkpoints) or --checkpoint PATH")
     config = FLAGS.config
     source = FLAGS.checkpoint or FLAGS.workdir
     out_dir = FLAGS.workdir or FLAGS.checkpoint
-    try:
-        validate_config(config)
-        variables = checkpoints.restore_variables(config, source, FLAGS.step)
-    except (ConfigError, checkpoints.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    step = FLAGS.step
-    if step is None and FLAGS.checkpoint is None:
-        step = checkpoints.latest_step(FLAGS.workdir)
+    for d in (FLAGS.checkpoint, FLAGS.workdir):  # the model must be the trained one
+        if d and checkpoints.saved_config_path(d).is_file():
+            cli.check_config(config, d, "eval")
+            break
+    if FLAGS.max_images < 0:
+        cli.fail(f"--max_images: {FLAGS.max_images} must be >= 0 (0: every image)")
+    if FLAGS.max_images:
+        config.data.eval_max_images = FLAGS.max_images
+    validate_config(config)
+    validate_inputs(config, train=False, evaluate=True)
+    variables, step = checkpoints.restore_variables_and_step(config, source, FLAGS.step)
+    # Before the evaluation, not after it: a folder that cannot take the metrics fails now.
+    check_writable(os.path.join(out_dir, "eval"), "--workdir" if FLAGS.workdir else "--checkpoint")
     logging.info("evaluating %s (step %s)", source, step)
     metrics = loop.run_evaluation(config, variables, workdir=out_dir, step=step)
     per_class = metrics.pop("per_class", {})
@@ -72,4 +78,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from daipnet_jax import cli
+
+    cli.run(main, dir_flags=("checkpoint", "workdir"))

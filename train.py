@@ -2,9 +2,16 @@
 
 Any config value can be overridden with `--config.KEY=VALUE` (e.g. `--config.train.batch_size=8`);
 unknown keys are refused by ml_collections, inconsistent values by
-`daipnet_jax.validate.validate_config` before anything is compiled. The evaluation run during
-and after training is `daipnet_jax.evaluation.evaluate_during_training`, passed to the loop (it
-writes `WORKDIR/eval/metrics*.json` like `evaluate.py`). Re-running with the same `--workdir` resumes from its latest checkpoint. SIGTERM saves a checkpoint and exits cleanly.
+`daipnet_jax.validate` before anything is compiled. The evaluation run during and after
+training is `daipnet_jax.evaluation.evaluate_during_training`, passed to the loop (it writes
+`WORKDIR/eval/metrics*.json` like `evaluate.py`).
+
+The first run writes the resolved config to `WORKDIR/config.json`. Re-running with the same
+`--workdir` resumes from its newest readable checkpoint; `--config` may then be left out (the
+saved one is used) and a `--config` that differs outside the keys a resume may change (durations,
+periods, evaluation, data paths: `config.RESUME_MAY_CHANGE`) is refused. SIGTERM during the
+steps saves a checkpoint and exits cleanly. Errors are one line on stderr (exit 2;
+`DAIPNET_TRACEBACK=1` shows the traceback).
 
 Several processes (multi-host): pass `--coordinator_address HOST:PORT --num_processes N
 --process_id I` on every process (see `daipnet_jax.distributed`). Each process reads its own
@@ -14,7 +21,6 @@ shard of the data.
 from __future__ import annotations
 
 import functools
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -28,7 +34,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs, evaluation")
 _DISTRIBUTED = distributed.define_flags()
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: list[str]) -> None:
@@ -36,7 +42,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     _DISTRIBUTED.initialize()
 
-    from daipnet_jax.config import ConfigError
+    from daipnet_jax import cli
     from daipnet_jax.evaluation import evaluate_during_training
     from daipnet_jax.training import NonFiniteError, train_and_evaluate
 
@@ -44,13 +50,11 @@ def main(argv: list[str]) -> None:
         workdir = str(_WORKDIR.value)
         eval_fn = functools.partial(evaluate_during_training, workdir=workdir)
         train_and_evaluate(_CONFIG.value, workdir, eval_fn=eval_fn)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
     except NonFiniteError as e:
-        print(f"training stopped: {e}", file=sys.stderr)
-        sys.exit(3)
+        cli.fail(f"training stopped: {e}", code=3)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from daipnet_jax import cli
+
+    cli.run(main, dir_flags=("workdir",))

@@ -31,6 +31,7 @@ SCRIPTS = [
     "eval.py",
     "conv_backward.py",
     "accelerator.py",
+    "resume.py",
 ]
 PACKAGES = [
     "jax",

@@ -4,9 +4,12 @@ Two layouts hold model variables `{'params', 'batch_stats'}`:
 
 - a training workdir: `WORKDIR/checkpoints/<step>/{state,meta}` (`Checkpointer`); `state` is
   the whole `TrainState` (params, batch stats, optimiser state, step, RNG key, NaN-guard
-  record), `meta` a JSON with the data position (batches consumed), the step and the config.
+  record), `meta` a JSON with the data position (batches consumed, and per process the record
+  index its stream resumes at) and the step; the run's config is `WORKDIR/config.json`.
   Saves are atomic (orbax writes a temporary directory and renames it), so a run killed
   mid-save leaves the previous checkpoint as the latest; `max_to_keep` = `train.keep_checkpoints`.
+  Steps that do not restore are skipped for the newest one that does (`restore_newest`,
+  `load_variables`), named in a warning and never deleted.
 - a converted folder (`python -m daipnet_jax.convert`, `save_variables`): one orbax pytree item
   `DIR` holding `{'params', 'batch_stats'}` (float32 leaves; only the backbone for the VGG
   formats) plus `DIR/conversion.json` (format, input, model section, counts).
@@ -20,7 +23,10 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import shutil
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,12 +37,48 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
+UNREADABLE_DIR = "checkpoints_unreadable"  # steps that failed to restore, moved aside by training
+BEST_DIR = "checkpoints_best"
 STATE_ITEM = "state"
 METADATA_FILE = "conversion.json"
+CONFIG_FILE = "config.json"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit the configured model."""
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _drop_closed_loop_noise() -> None:
+    """After a failed read, orbax's pending asyncio callbacks report "Event loop is closed"
+    as unraisable exceptions (dozens of tracebacks); drop exactly those."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_daipnet", False):
+        return
+
+    def hook(u: Any) -> None:
+        if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
+            return
+        previous(u)
+
+    hook._daipnet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+def unreadable_warning(directory: Path, step: int, error: BaseException, action: str) -> None:
+    log.warning(
+        "checkpoint %s/%d does not restore (%s); %s",
+        directory,
+        step,
+        _first_line(error),
+        action,
+    )
 
 
 # ------------------------------------------------------------------ training state
@@ -89,6 +131,37 @@ class Checkpointer:
         )
         return out["state"], dict(out["meta"])
 
+    def restore_newest(self, abstract_state: Any, *, move_unreadable: bool = False) -> Any:
+        """(step, state, meta) of the newest step that restores, or None when none does.
+
+        A step that fails is named in a one-line warning and never deleted; with
+        `move_unreadable` (training, which will save that step number again) it is moved to
+        `WORKDIR/checkpoints_unreadable/<step>`.
+        """
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return (step, *self.restore(abstract_state, step))
+            except Exception as e:  # orbax raises assorted errors on damaged steps
+                _drop_closed_loop_noise()
+                if not move_unreadable:
+                    unreadable_warning(self.directory, step, e, "trying the previous step")
+                    continue
+                target = self.directory.parent / UNREADABLE_DIR / str(step)
+                if jax.process_index() == 0:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    if target.exists():
+                        target = target.with_name(f"{step}.{os.getpid()}")
+                    shutil.move(str(self.directory / str(step)), str(target))
+                unreadable_warning(
+                    self.directory, step, e, f"moved to {target}, trying the previous step"
+                )
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+
+                    multihost_utils.sync_global_devices(f"unreadable checkpoint {step}")
+                self.manager.reload()
+        return None
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -121,57 +194,119 @@ def _is_training_dir(path: Path) -> bool:
     return any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
 
 
+class _DropItemMetadataNotes(logging.Filter):
+    """orbax warns that an item directory (`<step>/state`) has no step-level metadata file on
+    every read of one; that is the layout, not a problem."""
+
+    NOTES = ("Metadata file does not exist", "Failed to get item metadata")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTES)
+
+
 def _read_tree(item: Path) -> dict[str, Any]:
     """One orbax pytree item as host NumPy arrays (whatever sharding wrote it)."""
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(item)
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    restore_args = jax.tree_util.tree_map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-        tree,
-        is_leaf=lambda x: isinstance(x, ocp.metadata.value.Metadata),
-    )
-    return dict(ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args)))
+    note_filter = _DropItemMetadataNotes()
+    loggers = [logging.getLogger("absl"), logging.getLogger()]
+    for lg in loggers:
+        lg.addFilter(note_filter)
+    try:
+        ckptr = ocp.PyTreeCheckpointer()
+        meta = ckptr.metadata(item)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        restore_args = jax.tree_util.tree_map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+            tree,
+            is_leaf=lambda x: isinstance(x, ocp.metadata.value.Metadata),
+        )
+        return dict(ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args)))
+    finally:
+        for lg in loggers:
+            lg.removeFilter(note_filter)
+
+
+def saved_steps(directory: Path) -> list[int]:
+    """The steps of a checkpoints directory, ascending (whether or not they restore)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def load_variables_and_step(
+    path: str | os.PathLike[str], step: int | None = None
+) -> tuple[dict[str, Any], int | None]:
+    """`load_variables` and the step it read (None for a converted folder).
+
+    Without `step`, a training workdir's newest step that restores is read: steps that fail
+    are named in a one-line warning and left on disk. A `step` that does not exist raises
+    `CheckpointError` listing the steps that do.
+    """
+    p = Path(path).resolve()  # orbax wants absolute paths; users give relative ones
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint path {str(path)!r} is a file; expected a directory")
+    if not os.access(p, os.R_OK | os.X_OK):
+        raise CheckpointError(f"checkpoint path {str(path)!r} is not readable")
+    if not _is_training_dir(p):
+        if step is not None:
+            raise CheckpointError(f"a step was given but {str(path)!r} is not a training workdir")
+        try:
+            tree = _read_tree(p)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"no checkpoint found at {str(path)!r}: {_first_line(e)}") from e
+        except Exception as e:  # orbax raises assorted errors on non-checkpoint folders
+            _drop_closed_loop_noise()
+            raise CheckpointError(
+                f"cannot read an orbax checkpoint at {str(path)!r}: {_first_line(e)}"
+            ) from e
+        return _variables_of(tree, path), None
+    directory = checkpoint_dir(p)
+    steps = saved_steps(directory)
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {directory}")
+    if step is not None:
+        if int(step) not in steps:
+            raise CheckpointError(
+                f"no step {step} in {directory}; saved steps: {', '.join(map(str, steps))}"
+            )
+        try:
+            return _variables_of(_read_tree(directory / str(step) / STATE_ITEM), path), step
+        except CheckpointError:
+            raise
+        except Exception as e:
+            _drop_closed_loop_noise()
+            raise CheckpointError(
+                f"checkpoint {directory}/{step} does not restore: {_first_line(e)}"
+            ) from e
+    for s in reversed(steps):
+        try:
+            return _variables_of(_read_tree(directory / str(s) / STATE_ITEM), path), s
+        except CheckpointError:
+            raise
+        except Exception as e:
+            _drop_closed_loop_noise()
+            unreadable_warning(directory, s, e, "trying the previous step")
+    raise CheckpointError(f"none of the steps {', '.join(map(str, steps))} in {directory} restores")
+
+
+def _variables_of(tree: dict[str, Any], path: Any) -> dict[str, Any]:
+    if "params" not in tree:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has no 'params' (top-level keys: {sorted(tree)})"
+        )
+    return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {}) or {}}
 
 
 def load_variables(path: str | os.PathLike[str], step: int | None = None) -> dict[str, Any]:
     """`{'params', 'batch_stats'}` (host NumPy) of a training workdir or a converted folder.
 
     path: a training `--workdir` (or its `checkpoints` directory; `step` a saved step, default
-    the latest) or a converted folder. Raises `CheckpointError` naming the path when nothing
-    loadable is there.
+    the newest that restores) or a converted folder. Raises `CheckpointError` naming the path
+    when nothing loadable is there.
     """
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
-    if not p.is_dir():
-        raise CheckpointError(f"checkpoint path {str(path)!r} is a file; expected a directory")
-    try:
-        if _is_training_dir(p):
-            directory = checkpoint_dir(p)
-            step = latest_step(directory) if step is None else step
-            if step is None:
-                raise FileNotFoundError(f"no checkpoint in {directory}")
-            item = directory / str(int(step)) / STATE_ITEM
-            if not item.is_dir():
-                raise FileNotFoundError(f"no step {step} in {directory}")
-        elif step is not None:
-            raise CheckpointError(f"a step was given but {str(path)!r} is not a training workdir")
-        else:
-            item = p
-        tree = _read_tree(item)
-    except CheckpointError:
-        raise
-    except FileNotFoundError as e:
-        raise CheckpointError(f"no checkpoint found at {str(path)!r}: {e}") from e
-    except Exception as e:  # orbax raises assorted errors on non-checkpoint folders
-        raise CheckpointError(f"cannot read an orbax checkpoint at {str(path)!r}: {e}") from e
-    if "params" not in tree:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} has no 'params' (top-level keys: {sorted(tree)})"
-        )
-    return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {}) or {}}
+    return load_variables_and_step(path, step)[0]
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -206,13 +341,20 @@ def restore_variables(
     config: Any, path: str | os.PathLike[str], step: int | None = None, model: Any = None
 ) -> dict[str, Any]:
     """`load_variables` checked against `models.build(config)` (or `model`)."""
+    return restore_variables_and_step(config, path, step, model)[0]
+
+
+def restore_variables_and_step(
+    config: Any, path: str | os.PathLike[str], step: int | None = None, model: Any = None
+) -> tuple[dict[str, Any], int | None]:
+    """`restore_variables` and the step read (None for a converted folder)."""
     if model is None:
         from daipnet_jax import models
 
         model = models.build(config)
-    variables = load_variables(path, step)
+    variables, step = load_variables_and_step(path, step)
     check_variables(abstract_variables(model, config), variables, f"checkpoint {str(path)!r}")
-    return variables
+    return variables, step
 
 
 def _cast_like(loaded: Any, reference: Any) -> Any:
@@ -273,3 +415,56 @@ def save_variables(
     ckpt.wait_until_finished()
     (directory / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, sort_keys=True))
     return directory
+
+
+# ------------------------------------------------------------------ the workdir's config
+def saved_config_path(path: str | os.PathLike[str]) -> Path:
+    """`WORKDIR/config.json` of a workdir (or of the workdir above a checkpoints directory)."""
+    p = Path(path).resolve()
+    if p.name in (CHECKPOINT_DIR, BEST_DIR) and not (p / CONFIG_FILE).exists():
+        p = p.parent
+    return p / CONFIG_FILE
+
+
+def read_config(path: str | os.PathLike[str]) -> Any:
+    """The config saved in a workdir (`ConfigDict`), or None when it has none."""
+    import ml_collections
+
+    file = saved_config_path(path)
+    if not file.is_file():
+        return None
+    try:
+        return ml_collections.ConfigDict(json.loads(file.read_text()))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is not a readable config: {_first_line(e)}") from e
+
+
+def write_config(workdir: str | os.PathLike[str], config: Any) -> Path:
+    """Write the resolved `config` to `WORKDIR/config.json` (indented, sorted; atomic)."""
+    file = saved_config_path(workdir)
+    tmp = file.with_name(f".{CONFIG_FILE}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list) + "\n")
+    os.replace(tmp, file)
+    return file
+
+
+def check_saved_config(path: str | os.PathLike[str], config: Any, purpose: str) -> Any:
+    """Raise `ConfigError` when `config` conflicts with the config saved in the workdir `path`
+    (`config.conflicting_keys`); returns the saved config (None when there is none)."""
+    from daipnet_jax import config as config_lib
+
+    saved = read_config(path)
+    if saved is None:
+        return None
+    keys = config_lib.conflicting_keys(saved, config, purpose)
+    if keys:
+        raise config_lib.ConfigError(
+            keys[0],
+            config_lib.describe_conflict(keys, saved, config, str(saved_config_path(path)))
+            + (
+                "; use another --workdir for a different run"
+                if purpose == "resume"
+                else "; the checkpoint was trained with the saved values"
+            ),
+        )
+    return saved

@@ -187,3 +187,82 @@ def base_config(variant: str, dataset: str, *, width: float = 1.0) -> ml_collect
     from daipnet_jax import configs
 
     return configs.recipe(variant, dataset, width=width)
+
+
+# ------------------------------------------------------------------ a workdir's saved config
+# Keys a resumed training may change: durations, periods, evaluation and input-pipeline
+# settings, and where the (same) data lives. Anything else changes what is trained.
+RESUME_MAY_CHANGE = (
+    "name",
+    "train.total_steps",
+    "train.total_epochs",
+    "train.max_train_seconds",
+    "train.log_every_steps",
+    "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
+    "train.eval_every_steps",
+    "train.eval_batch_size",
+    "train.transfer_guard",
+    "data.data_dir",
+    "data.annotation_file",
+    "data.image_dir",
+    "data.eval_*",
+    "data.num_parallel_calls",
+    "data.prefetch",
+    "data.cache",
+    "data.validate_files",
+    "postprocess.*",
+    "init.*",
+)
+# Keys that evaluation, predict and export must share with the training run: the model.
+EVAL_MUST_MATCH = ("model.*", "priors.*")
+
+
+def flat_items(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """`{'a.b': value}` of a nested dict / ConfigDict (tuples as lists)."""
+    if hasattr(tree, "to_dict"):
+        tree = tree.to_dict()
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flat_items(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = _plain(v)
+    return out
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def conflicting_keys(saved: Any, config: Any, purpose: str) -> list[str]:
+    """Keys where `config` differs from a workdir's `saved` config and may not.
+
+    purpose: `resume` (anything outside `RESUME_MAY_CHANGE` must match) or `eval` (only the
+    `EVAL_MUST_MATCH` keys must match). Keys missing from `saved` (written by an older
+    version) are not compared.
+    """
+    import fnmatch
+
+    old, new = flat_items(saved), flat_items(config)
+    out = []
+    for key, value in new.items():
+        if key not in old or old[key] == value:
+            continue
+        if purpose == "resume":
+            if any(fnmatch.fnmatchcase(key, p) for p in RESUME_MAY_CHANGE):
+                continue
+        elif not any(fnmatch.fnmatchcase(key, p) for p in EVAL_MUST_MATCH):
+            continue
+        out.append(key)
+    return sorted(out)
+
+
+def describe_conflict(keys: list[str], saved: Any, config: Any, where: str) -> str:
+    """One line naming the differing keys and both values."""
+    old, new = flat_items(saved), flat_items(config)
+    parts = [f"{k}={new[k]!r} (saved {old[k]!r})" for k in keys[:6]]
+    more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
+    return f"the config differs from {where} in " + ", ".join(parts) + more

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -200,38 +199,35 @@ def main(argv: Sequence[str]) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from daipnet_jax import checkpoints, cli
+
     FLAGS = flags.FLAGS
     config = FLAGS.config
     if not FLAGS.checkpoint:
         raise app.UsageError(
             "--checkpoint is required (a training workdir or a converted checkpoint)"
         )
+    # The model must be the trained one (`--config.model.*` overrides included).
+    cli.check_config(config, str(checkpoints.saved_config_path(FLAGS.checkpoint).parent), "eval")
     variables = restore_variables(config, FLAGS.checkpoint, FLAGS.step)
     path = export_saved_model(config, variables, FLAGS.out, batch_size=FLAGS.batch_size)
     print(f"SavedModel written to {path} (signatures: serving_default, serve_single, label_map)")
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-    from absl import app, flags
+    """The CLI: `--config` defaults to the config saved with `--checkpoint`'s training run."""
+    from absl import flags
     from ml_collections import config_flags
 
-    from daipnet_jax.checkpoints import CheckpointError
+    from daipnet_jax import cli
 
     config_flags.DEFINE_config_file("config", None, "config file (file.py:arg)", lock_config=False)
     flags.DEFINE_string("checkpoint", None, "training workdir or converted checkpoint directory")
     flags.DEFINE_integer("step", None, "checkpoint step (workdir only; default latest)")
     flags.DEFINE_string("out", "saved_model", "output SavedModel directory")
     flags.DEFINE_integer("batch_size", 1, "images per call of the converted network")
-    flags.mark_flags_as_required(["config", "out"])
-
-    def _main(args: Sequence[str]) -> None:
-        try:
-            main(args)
-        except CheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    app.run(_main, argv=list(argv) if argv is not None else None)
+    flags.mark_flags_as_required(["out"])
+    cli.run(main, dir_flags=("checkpoint",), argv=argv)
 
 
 if __name__ == "__main__":

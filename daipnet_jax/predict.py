@@ -28,7 +28,6 @@ from __future__ import annotations
 import colorsys
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,12 +40,13 @@ if __name__ == "__main__":
 
     platform.setup()  # before JAX starts and TensorFlow loads (below)
 
+from daipnet_jax import cli
 from daipnet_jax.data.tfds_sources import COCO_CATEGORY_IDS, COCO_NAMES, VOC_NAMES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-class InputError(ValueError):
+class InputError(cli.InputError):
     """An input path that cannot be used (missing, empty folder, unreadable image)."""
 
 
@@ -405,6 +405,8 @@ def main(argv: Sequence[str]) -> None:
 
     FLAGS = flags.FLAGS
     config = FLAGS.config
+    if FLAGS.checkpoint:  # the model must be the trained one (`--config.model.*` included)
+        cli.check_config(config, str(checkpoint_config_dir(FLAGS.checkpoint)), "eval")
     out = Path(FLAGS.out).resolve()
     paths = [
         p
@@ -449,24 +451,19 @@ def _define_flags() -> None:
     flags.DEFINE_string("classes", "", "comma-separated class names to keep (default: all)")
     flags.DEFINE_boolean("recursive", False, "also read the images of sub-folders")
     flags.DEFINE_integer("batch_size", 0, "images per forward pass (0: train.eval_batch_size)")
-    flags.mark_flags_as_required(["config"])
+
+
+def checkpoint_config_dir(checkpoint: str) -> Path:
+    """The folder whose `config.json` describes `checkpoint` (a workdir or a folder in it)."""
+    from daipnet_jax import checkpoints
+
+    return checkpoints.saved_config_path(checkpoint).parent
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-    from absl import app
-
-    from daipnet_jax.checkpoints import CheckpointError
-
+    """The CLI: `--config` defaults to the config saved with `--checkpoint`'s training run."""
     _define_flags()
-
-    def _main(args: Sequence[str]) -> None:
-        try:
-            main(args)
-        except (InputError, CheckpointError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    app.run(_main, argv=list(argv) if argv is not None else None)
+    cli.run(main, dir_flags=("checkpoint",), argv=argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ values are the model's own table, `models.SWITCHES`.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -22,7 +25,7 @@ from daipnet_jax.models import SWITCHES
 
 SOURCES = ("generated", "tfds", "coco_folder")
 TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
-__all__ = ["ConfigError", "validate_config"]
+__all__ = ["ConfigError", "check_writable", "validate_config", "validate_inputs"]
 
 
 def _get(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -175,3 +178,100 @@ def validate_config(
     _one_of(config, "train.transfer_guard", TRANSFER_GUARDS)
     if config.init.vgg and config.init.checkpoint:
         raise ConfigError("init.vgg", "set either init.vgg or init.checkpoint, not both")
+
+
+# ------------------------------------------------------------------ files, folders, data
+def check_writable(directory: str | os.PathLike[str], flag: str = "--workdir") -> None:
+    """Raise `ConfigError(flag)` unless `directory` exists (or can be made) and takes files."""
+    d = Path(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".write_check"):
+            pass
+    except OSError as e:
+        raise ConfigError(flag, f"{str(directory)!r} is not writable ({e.strerror or e})") from e
+
+
+def _readable_file(key: str, path: str) -> None:
+    if not os.path.exists(path):
+        raise ConfigError(key, f"{path} does not exist")
+    if not os.path.isfile(path):
+        raise ConfigError(key, f"{path} is not a file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(key, f"{path} is not readable")
+
+
+def _readable_dir(key: str, path: str) -> None:
+    if not os.path.isdir(path):
+        raise ConfigError(key, f"{path} is not a folder" if os.path.exists(path) else
+                          f"{path} does not exist")  # fmt: skip
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ConfigError(key, f"{path} is not readable")
+
+
+def validate_inputs(
+    config: ml_collections.ConfigDict,
+    *,
+    train: bool = True,
+    evaluate: bool = True,
+    process_count: int = 1,
+) -> None:
+    """Raise `ConfigError` naming the key and file when the data cannot be used, before any
+    compilation: files and folders exist and are readable, every image was not lost, the
+    categories match `model.num_classes`, and (training) every process's shard holds usable
+    examples (an image with at least one non-crowd box of positive area) and the data a whole
+    batch of them. Folder sources only: tfds builders are checked when they are read.
+    """
+    from daipnet_jax.data import coco_folder, sources
+
+    for key in ("init.vgg", "init.checkpoint"):
+        if config.init[key.split(".")[1]]:
+            path = str(config.init[key.split(".")[1]])
+            if not os.path.exists(path):
+                raise ConfigError(key, f"{path} does not exist")
+    source = sources.get(config)
+    if not isinstance(source, sources.CocoFolderSource):
+        return
+    splits = (["train"] if train else []) + (["eval"] if evaluate else [])
+    prefix = {"train": "data.", "eval": "data.eval_"}
+    for split in splits:
+        ann, img_dir = source.files(config, split)
+        if not ann:
+            raise ConfigError(f"{prefix[split]}annotation_file", "is required for this run")
+        if config.data.source == "coco_folder":
+            _readable_file(f"{prefix[split]}annotation_file", ann)
+            _readable_dir(f"{prefix[split]}image_dir", img_dir)
+        try:
+            records = source.folder_records(config, split)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{prefix[split]}annotation_file", f"{ann}: {e}") from e
+        if len(records.paths) == 0:
+            st = records.stats
+            raise ConfigError(
+                f"{prefix[split]}image_dir",
+                f"no image was found: {ann} lists {st.images_listed} images, none readable in "
+                f"{img_dir} (missing {st.missing}, undecodable {st.undecodable})",
+            )
+        ids, _ = source.label_map(config)
+        if int(config.model.num_classes) != len(ids) + 1:
+            raise ConfigError(
+                "model.num_classes",
+                f"{config.model.num_classes} does not match the {len(ids)} categories of "
+                f"{ann} (expected {len(ids) + 1}: categories + background)",
+            )
+        if split != "train":
+            continue
+        usable = coco_folder.usable_images(records)
+        batch = int(config.train.batch_size)
+        if int(usable.sum()) < batch:
+            raise ConfigError(
+                "train.batch_size",
+                f"{batch} exceeds the {int(usable.sum())} usable training images of {ann} "
+                "(an image is usable with a non-crowd box of positive area)",
+            )
+        for p in range(process_count):
+            if not usable[p::process_count].any():
+                raise ConfigError(
+                    "data.annotation_file",
+                    f"process {p} of {process_count} has no usable training image in {ann}",
+                )

@@ -41,6 +41,7 @@ LAYERS = {
     "daipnet_jax.export": 5,
     "daipnet_jax.demo": 5,
     "daipnet_jax.browse": 5,
+    "daipnet_jax.cli": 5,
     "train": 5,
     "evaluate": 5,
 }

@@ -192,7 +192,10 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_loop_checkpoints_eval_and_resume(tmp_path):
-    """Periodic + final checkpoints, evaluation calls, and a second call that only resumes."""
+    """Periodic + final checkpoints, evaluation calls, the best step by AP kept apart, and a
+    second call that only resumes."""
+    import json
+
     from daipnet_jax.training import train_and_evaluate
 
     c = tiny_train_config(batch_size=2, total_steps=4, checkpoint_every_steps=2)
@@ -201,7 +204,7 @@ def test_loop_checkpoints_eval_and_resume(tmp_path):
 
     def eval_fn(cfg, variables, step):
         calls.append((step, sorted(variables)))
-        return {"AP": 0.5}
+        return {"AP": {3: 0.5, 4: 0.4, 5: 0.6}[step]}
 
     it = lambda cfg, pi, pc: synthetic_batches(cfg, pi, pc)  # noqa: E731
     state = train_and_evaluate(
@@ -210,7 +213,13 @@ def test_loop_checkpoints_eval_and_resume(tmp_path):
     assert int(state.step) == 4
     assert calls == [(3, ["batch_stats", "params"]), (4, ["batch_stats", "params"])]
     ck = Checkpointer(tmp_path / "checkpoints")
-    assert ck.all_steps() == [2, 4]
+    assert ck.all_steps() == [2, 3, 4]  # 3: the evaluated step, saved to be kept as the best
+    assert json.loads((tmp_path / "best.json").read_text()) == dict(step=3, metric="AP", value=0.5)
+    assert Checkpointer(tmp_path / "checkpoints_best").all_steps() == [3]
+    np.testing.assert_array_equal(
+        jax.tree_util.tree_leaves(load_variables(tmp_path / "checkpoints_best")["params"])[0],
+        jax.tree_util.tree_leaves(load_variables(tmp_path, step=3)["params"])[0],
+    )
     _, meta = ck.restore(
         jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), 4
     )
@@ -226,7 +235,9 @@ def test_loop_checkpoints_eval_and_resume(tmp_path):
         c, str(tmp_path), model=tiny_detector(c), train_iter_fn=it, eval_fn=eval_fn
     )
     assert int(state2.step) == 5
-    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2, 4, 5]
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2, 3, 4, 5]
+    assert json.loads((tmp_path / "best.json").read_text())["step"] == 5  # AP 0.6 > 0.5
+    assert Checkpointer(tmp_path / "checkpoints_best").all_steps() == [5]
 
 
 @pytest.mark.slow

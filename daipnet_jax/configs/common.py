@@ -42,6 +42,7 @@ def recipe(variant: str, *, width: float = 1.0) -> ml_collections.ConfigDict:
     d.image_dir = ""  # COCO-format folder: images (train)
     d.eval_annotation_file = ""
     d.eval_image_dir = ""
+    d.eval_max_images = 0  # > 0: evaluate only the first N images (partial metrics)
     d.max_boxes = 64
     d.shuffle_buffer = 2048
     d.num_parallel_calls = -1  # tf.data.AUTOTUNE

@@ -66,6 +66,18 @@ class FolderRecords:
     crowd: np.ndarray
     stats: DataStats
 
+    def head(self, n: int) -> FolderRecords:
+        """The first `n` images (by id)."""
+        return FolderRecords(
+            self.paths[:n],
+            self.image_ids[:n],
+            self.counts[:n],
+            self.boxes[: int(np.sum(self.counts[:n]))],
+            self.labels[: int(np.sum(self.counts[:n]))],
+            self.crowd[: int(np.sum(self.counts[:n]))],
+            self.stats,
+        )
+
     def shard(self, index: int, count: int) -> FolderRecords:
         """Images `index, index + count, …`: disjoint shards covering the split."""
         sel = np.arange(index, len(self.paths), count)
@@ -84,6 +96,18 @@ class FolderRecords:
             self.crowd[ann],
             self.stats,
         )
+
+
+def usable_images(records: FolderRecords) -> np.ndarray:
+    """[I] bool: images with at least one box the training pipeline keeps (non-crowd, finite,
+    positive width and height after clipping to the image; the rule of `pipeline.sanitize`)."""
+    b = np.clip(np.nan_to_num(records.boxes, nan=0.0, posinf=0.0, neginf=0.0), 0.0, 1.0)
+    ok = np.isfinite(records.boxes).all(axis=1) & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+    ok &= ~records.crowd
+    owner = np.repeat(np.arange(len(records.counts)), records.counts)
+    out = np.zeros(len(records.counts), bool)
+    out[owner[ok]] = True
+    return out
 
 
 def load_json(path: str) -> dict[str, Any]:

@@ -12,11 +12,18 @@ at build time (`DataStats`), boxes are repaired by `sanitize`, crowd boxes and e
 without boxes are skipped, undecodable images are dropped by `ignore_errors`; the counts are
 `TrainIterator.stats`. Per-example seeds `[seed, i · process_count + process_index]` make the
 batches independent of the parallelism.
+
+The training stream is addressed by record index i (docs/design.md, resume by record index):
+folder sources gather record `perm_e[i mod n]` of the shard, a stateless permutation per epoch
+e = i div n, so `make_train_iterator(..., start_index=i0)` starts at i0 producing nothing before
+it; `TrainIterator.next_index(k)` is the index that follows k batches (what a checkpoint keeps).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -131,17 +138,65 @@ def local_batch_size(global_batch: int, process_count: int) -> int:
     return global_batch // process_count
 
 
-def train_dataset(
-    config, process_index: int = 0, process_count: int = 1, *, batch: bool = True
-) -> tf.data.Dataset:
-    """This process's endless training stream (batched to its part of the global batch, with the
-    private `_cum`, `_truncated`, `_fallback` counter fields)."""
+def _index_stream(n: int, seed: int, start: int) -> tf.data.Dataset:
+    """(i, record) for i = start, start + 1, …: record `perm_e[i mod n]` of the shard, where
+    `perm_e` is a stateless permutation of epoch e = i // n seeded by (seed, e). Starting at any
+    i costs O(1): nothing before `start` is produced."""
+    e0, off = divmod(int(start), n)
+    seed_t = tf.constant(int(seed), tf.int64)
+
+    def epoch(e):
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), seed=tf.stack([seed_t, e])
+        )
+        first = tf.where(tf.equal(e, e0), tf.constant(off, tf.int64), tf.constant(0, tf.int64))
+        return tf.data.Dataset.from_tensor_slices((e * n + tf.range(first, n), perm[first:]))
+
+    return tf.data.Dataset.range(e0, 2**62).flat_map(epoch)
+
+
+def _record_stream(config, process_index: int, process_count: int, start: int) -> tf.data.Dataset:
+    """(i, record) of this process's endless training stream from record index `start`.
+
+    Random-access sources (folders) gather record `perm(i // n)[i % n]` from in-memory tensors
+    (`sources.*.lookup`); others (tfds) shuffle with a seeded buffer and skip `start` raw
+    records before anything is decoded (reading them costs I/O, decoding nothing)."""
+    src = sources.get(config)
+    lookup = getattr(src, "lookup", None)
+    if lookup is not None:
+        fn, n = lookup(config, "train", process_index, process_count)
+        if n == 0:
+            raise ValueError(f"process {process_index} has no training image in its shard")
+        return _index_stream(n, int(config.seed), start).map(lambda i, r: (i, fn(r)))
     ds, n = records(config, "train", process_index, process_count, shuffle_seed=config.seed)
     if config.data.cache:
         ds = ds.cache()
     buf = n if n is not None else int(config.data.shuffle_buffer)
     ds = ds.shuffle(max(buf, 1), seed=config.seed, reshuffle_each_iteration=True)
     ds = ds.repeat().enumerate()
+    if start:
+        logging.warning(
+            "resuming a %s stream at record %d: the skipped records are read (not decoded); "
+            "random-access sources (folders) skip for free",
+            config.data.source,
+            start,
+        )
+        ds = ds.skip(int(start))
+    return ds
+
+
+def train_dataset(
+    config,
+    process_index: int = 0,
+    process_count: int = 1,
+    *,
+    batch: bool = True,
+    start_index: int = 0,
+) -> tf.data.Dataset:
+    """This process's endless training stream (batched to its part of the global batch, with the
+    private `_cum`, `_truncated`, `_fallback` counter fields and `_index`, each example's record
+    index in the stream), starting at record index `start_index` of the stream."""
+    ds = _record_stream(config, process_index, process_count, int(start_index))
 
     def repair(i, r):
         boxes, labels, c = sanitize(r["boxes"], r["labels"], r["crowd"])
@@ -150,6 +205,7 @@ def train_dataset(
             boxes=boxes,
             labels=labels,
             seed=example_seed(config.seed, i, process_index, process_count),
+            _index=i,
         )
         empty = tf.cast(tf.equal(tf.shape(labels)[0], 0), tf.int64)
         inc = tf.stack(
@@ -196,6 +252,7 @@ def train_dataset(
             labels=labels,
             mask=mask,
             _cum=r["_cum"],
+            _index=r["_index"],
             _truncated=truncated,
             _fallback=fell_back,
         )
@@ -257,29 +314,101 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return int(process_index), int(process_count)
 
 
+class _Reader(threading.Thread):
+    """Pulls numpy batches from a tf.data iterator into a small queue on a daemon thread, so
+    the consumer waits in Python (where signals are handled) rather than inside tf.data."""
+
+    _END = object()
+
+    def __init__(self, dataset: tf.data.Dataset, size: int = 2):
+        super().__init__(daemon=True, name="train-data")
+        self._dataset = dataset
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(size, 1))
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        try:
+            for item in self._dataset.as_numpy_iterator():
+                while not self.stopped.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stopped.is_set():
+                    return
+            item = self._END
+        except Exception as e:  # re-raised in the consumer
+            item = e
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def next(self) -> Any:
+        while True:
+            try:
+                item = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if item is self._END:
+                raise StopIteration
+            if isinstance(item, Exception):
+                raise item
+            return item
+
+
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
     """Endless iterator of this process's training batches (numpy dicts of the contract).
 
-    `stats` holds running counts since the start: `examples` read, `skipped_no_boxes`,
-    `crowd_boxes`, `clipped_boxes`, `invalid_boxes`, `truncated_boxes`, `fallback_unaugmented`,
-    plus the build-time `DataStats` of folder sources (`build`).
+    `stats` holds running counts since the iterator started: `examples` read,
+    `skipped_no_boxes`, `crowd_boxes`, `clipped_boxes`, `invalid_boxes`, `truncated_boxes`,
+    `fallback_unaugmented`, plus the build-time `DataStats` of folder sources (`build`).
+    `next_index(k)`: the record index of the stream that follows the first k batches this
+    iterator produced (what a checkpoint stores to resume there; filtered examples make it
+    differ from k · batch).
     """
 
-    def __init__(self, dataset: tf.data.Dataset, num_examples: int, build_stats: Any = None):
+    def __init__(
+        self,
+        dataset: tf.data.Dataset,
+        num_examples: int,
+        build_stats: Any = None,
+        start_index: int = 0,
+    ):
         self.dataset = dataset
         self.num_examples = num_examples
         self.build_stats = build_stats
-        self._it = dataset.as_numpy_iterator()
+        self.start_index = int(start_index)
+        self._reader = _Reader(dataset)
+        self._reader.start()
         self._cum = np.zeros([len(COUNTERS)], np.int64)
         self._truncated = 0
         self._fallback = 0
+        self._produced = 0
+        self._next: dict[int, int] = {0: self.start_index}
 
     def __next__(self) -> dict[str, np.ndarray]:
-        b = next(self._it)
+        b = self._reader.next()
         self._cum = np.maximum(self._cum, b.pop("_cum").max(axis=0))
         self._truncated += int(b.pop("_truncated").sum())
         self._fallback += int(b.pop("_fallback").sum())
+        self._produced += 1
+        self._next[self._produced] = int(b.pop("_index")[-1]) + 1
         return b
+
+    def next_index(self, batches: int) -> int:
+        """Record index after the first `batches` batches (older entries are forgotten)."""
+        out = self._next[int(batches)]
+        for k in [k for k in self._next if k < batches]:
+            del self._next[k]
+        return out
+
+    def close(self) -> None:
+        """Stops the reader thread (it ends after the batch it is reading)."""
+        self._reader.stopped.set()
 
     @property
     def stats(self) -> dict[str, int]:
@@ -303,16 +432,21 @@ class EvalIterator:
 
 
 def make_train_iterator(
-    config, process_index: int | None = None, process_count: int | None = None
+    config,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    *,
+    start_index: int = 0,
 ) -> TrainIterator:
     """This process's endless, shuffled, augmented training batches of
-    `config.train.batch_size // process_count` examples (see the module docstring)."""
+    `config.train.batch_size // process_count` examples (see the module docstring), from record
+    index `start_index` of its stream (a checkpoint's `TrainIterator.next_index`)."""
     pi, pc = _process(process_index, process_count)
     build = sources.get(config).build_stats(config, "train")
     if build is not None:
         logging.info(build.report("train"))
-    ds = train_dataset(config, pi, pc)
-    return TrainIterator(ds, num_train_examples(config), build)
+    ds = train_dataset(config, pi, pc, start_index=start_index)
+    return TrainIterator(ds, num_train_examples(config), build, start_index)
 
 
 def make_eval_iterator(

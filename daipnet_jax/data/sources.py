@@ -46,6 +46,32 @@ def _folder_dataset(rec: coco_folder.FolderRecords) -> tf.data.Dataset:
     )
 
 
+def _folder_lookup(rec: coco_folder.FolderRecords):
+    """`record(r)` for a scalar int64 index r into the shard: the folder's arrays held as
+    in-memory tensors, so any record is reached without reading the ones before it."""
+    splits = np.concatenate([[0], np.cumsum(rec.counts)]).astype(np.int64)
+    t = dict(
+        path=tf.constant(rec.paths.astype(str), tf.string),
+        splits=tf.constant(splits),
+        boxes=tf.constant(rec.boxes.reshape(-1, 4), tf.float32),
+        labels=tf.constant(rec.labels, tf.int32),
+        crowd=tf.constant(rec.crowd, tf.bool),
+        image_id=tf.constant(rec.image_ids, tf.int64),
+    )
+
+    def record(r: tf.Tensor) -> dict[str, tf.Tensor]:
+        a, b = t["splits"][r], t["splits"][r + 1]
+        return dict(
+            path=t["path"][r],
+            boxes=t["boxes"][a:b],
+            labels=t["labels"][a:b],
+            crowd=t["crowd"][a:b],
+            image_id=t["image_id"][r],
+        )
+
+    return record
+
+
 class CocoFolderSource:
     """A COCO-format folder: instances JSON + image directory per split."""
 
@@ -70,7 +96,11 @@ class CocoFolderSource:
             )
         ids, _ = self.label_map(config)
         validate = bool(config.data.get("validate_files", True))
-        return _load_folder(ann, img_dir, tuple(ids), validate)
+        rec = _load_folder(ann, img_dir, tuple(ids), validate)
+        limit = int(config.data.get("eval_max_images", 0))
+        if split != "train" and 0 < limit < len(rec.paths):
+            rec = rec.head(limit)
+        return rec
 
     def num_examples(self, config: Any, split: str) -> int:
         return len(self.folder_records(config, split).paths)
@@ -84,6 +114,14 @@ class CocoFolderSource:
     ) -> tuple[tf.data.Dataset, int | None]:
         rec = self.folder_records(config, split).shard(process_index, process_count)
         return _folder_dataset(rec), len(rec.paths)
+
+    def lookup(
+        self, config: Any, split: str, process_index: int, process_count: int
+    ) -> tuple[Any, int]:
+        """(record(r) for an int64 index r, shard size): random access into this process's
+        shard (the O(1) resume of the training stream)."""
+        rec = self.folder_records(config, split).shard(process_index, process_count)
+        return _folder_lookup(rec), len(rec.paths)
 
     def build_stats(self, config: Any, split: str) -> coco_folder.DataStats | None:
         return self.folder_records(config, split).stats
@@ -130,7 +168,10 @@ class TfdsSource:
 
     @staticmethod
     def _split(config: Any, split: str) -> str:
-        return config.data.train_split if split == "train" else config.data.eval_split
+        if split == "train":
+            return config.data.train_split
+        limit = int(config.data.get("eval_max_images", 0))
+        return f"{config.data.eval_split}[:{limit}]" if limit > 0 else config.data.eval_split
 
     def label_map(self, config: Any) -> tuple[list[int], list[str]]:
         return tfds_sources.label_map(config.data.tfds_name)
@@ -145,7 +186,7 @@ class TfdsSource:
 
     def ground_truth(self, config: Any) -> dict[str, Any]:
         return tfds_sources.ground_truth(
-            config.data.tfds_name, config.data.eval_split, config.data.data_dir
+            config.data.tfds_name, self._split(config, "eval"), config.data.data_dir
         )
 
     def records(

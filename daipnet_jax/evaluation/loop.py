@@ -3,7 +3,9 @@ training (`evaluate_during_training`).
 
 One jitted forward + `postprocess.detect` (static shapes), data parallel over the mesh when the
 batch divides the devices; the host accumulates batch n while batch n+1 runs. Metrics go to
-`WORKDIR/eval/metrics.json`, `metrics_<step>.json` and TensorBoard under `eval/`.
+`WORKDIR/eval/metrics.json`, `metrics_<step>.json` and TensorBoard under `eval/`; a partial
+evaluation (`data.eval_max_images`) only to `eval/metrics_partial.json`. Zero images evaluated
+is an error (`ConfigError`) and writes nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from jax.sharding import Mesh
 
 from daipnet_jax import boxes as boxes_lib
 from daipnet_jax import postprocess, sharding
+from daipnet_jax.config import ConfigError
 from daipnet_jax.evaluation.coco import CocoEvaluator
 from daipnet_jax.evaluation.voc import VocEvaluator
 
@@ -186,13 +189,21 @@ def evaluate(
         images += consume(*pending)
         done += 1
     seconds = time.perf_counter() - start
+    if images == 0:
+        raise ConfigError(
+            "data.eval_split" if config.data.source == "tfds" else "data.eval_image_dir",
+            "the evaluation data yielded no image; no metrics were written",
+        )
     metrics = dict(evaluator.evaluate())
     metrics["num_images"] = images
     metrics["seconds"] = seconds
     metrics["images_per_s"] = images / seconds if seconds > 0 else 0.0
     _progress(f"eval: {images} images in {seconds:.1f} s ({metrics['images_per_s']:.1f} images/s)")
+    partial = int(config.data.get("eval_max_images", 0)) > 0
+    if partial:
+        metrics["partial"] = True
     if workdir is not None and jax.process_index() == 0:
-        write_metrics(metrics, workdir, step, evaluator=evaluator, writer=writer)
+        write_metrics(metrics, workdir, step, evaluator=evaluator, writer=writer, partial=partial)
     return metrics
 
 
@@ -214,15 +225,23 @@ def write_metrics(
     *,
     evaluator: Any = None,
     writer: Any = None,
+    partial: bool = False,
 ) -> str:
     """Writes `WORKDIR/eval/metrics.json` (+ `metrics_<step>.json`), the evaluator's results
-    JSON (COCO) and TensorBoard scalars under `eval/`. Returns the metrics file path."""
+    JSON (COCO) and TensorBoard scalars under `eval/`. Returns the metrics file path.
+
+    `partial` (a subset of the images): `eval/metrics_partial.json` only."""
     eval_dir = os.path.join(workdir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
     payload = dict(metrics)
     if step is not None:
         payload["step"] = int(step)
     text = json.dumps(payload, indent=2, sort_keys=True, default=float)
+    if partial:
+        path = os.path.join(eval_dir, "metrics_partial.json")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
     path = os.path.join(eval_dir, "metrics.json")
     with open(path, "w") as f:
         f.write(text)
@@ -235,7 +254,7 @@ def write_metrics(
     if own_writer:
         from clu import metric_writers
 
-        writer = metric_writers.create_default_writer(workdir, just_logging=False)
+        writer = metric_writers.SummaryWriter(workdir)  # the caller prints the metrics
     writer.write_scalars(
         int(step or 0), {f"eval/{k}": v for k, v in scalar_metrics(metrics).items()}
     )

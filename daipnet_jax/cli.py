@@ -1,0 +1,146 @@
+"""What the command lines share: the workdir's saved config as the default `--config`, and
+one-line errors.
+
+- `config_argv(argv, dir_flags)`: without `--config`, the config saved in the workdir (or
+  checkpoint) named by the first of `dir_flags` that is given (`WORKDIR/config.json`, read
+  through `configs/saved.py`) becomes `--config`; `--config.KEY=VALUE` overrides still apply.
+- `parse_flags`: absl's flag parser, with bad flags and unknown `--config.` keys as one line.
+- `run(main, dir_flags)`: `app.run` with both, and every user-facing error (`ConfigError`,
+  `CheckpointError`, `InputError`, a file that cannot be read or written) printed as one line
+  `error: ...` on stderr with exit code 2. `DAIPNET_TRACEBACK=1` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+TRACEBACK_ENV = "DAIPNET_TRACEBACK"
+SAVED_CONFIG = Path(__file__).resolve().parent / "configs" / "saved.py"
+
+
+class InputError(ValueError):
+    """A command-line input (file, folder, flag value) that cannot be used."""
+
+
+def _show_traceback() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "") not in ("", "0", "false", "False")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print `error: message` (one line) on stderr and exit with `code`."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def flag_value(argv: Sequence[str], name: str) -> str | None:
+    """The value of `--name=V` / `--name V` in `argv` (the last one), or None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def config_argv(argv: Sequence[str], dir_flags: Sequence[str]) -> tuple[list[str], str | None]:
+    """(`argv` with a `--config` from the saved config when none is given, the directory the
+    config was saved in or None). The caller checks a given `--config` against the saved one."""
+    argv = list(argv)
+    if flag_value(argv, "config") is not None:
+        return argv, None
+    from daipnet_jax import checkpoints
+
+    for name in dir_flags:
+        d = flag_value(argv, name)
+        if d:
+            file = checkpoints.saved_config_path(d)
+            if file.is_file():
+                return [argv[0], f"--config={SAVED_CONFIG}:{file}", *argv[1:]], str(file.parent)
+    given = [f"--{n} {flag_value(argv, n)}" for n in dir_flags if flag_value(argv, n)]
+    where = f" ({', '.join(given)} has no {checkpoints.CONFIG_FILE})" if given else ""
+    fail(f"--config is required{where}; e.g. --config configs/generated.py:daipnet300")
+    raise AssertionError  # unreachable
+
+
+def _config_key_error(argv: Sequence[str], error: BaseException) -> str | None:
+    """A one-line message for an unknown `--config.KEY` (ml_collections' "Did you mean")."""
+    text = str(error)
+    keys = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    quoted = re.findall(r"'([^'\\]+)'", text.replace("\\'", "'"))
+    for key in keys:
+        name = key.split(".")[-1]
+        if name in quoted or f'"{name}"' in text:
+            hint = re.search(r'Did you mean "([^"]+)"', text)
+            more = f"; did you mean --{key.rsplit('.', 1)[0]}.{hint.group(1)}?" if hint else ""
+            return f"--{key}: no such config key{more}"
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with each failure reported as one line (exit 2)."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:
+        if _show_traceback():
+            raise
+        message = _config_key_error(argv, e)
+        if message is None:
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(message)
+        raise AssertionError from e  # unreachable
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from daipnet_jax.checkpoints import CheckpointError
+    from daipnet_jax.config import ConfigError
+
+    return (ConfigError, CheckpointError, InputError, FileNotFoundError, PermissionError)
+
+
+def call(main: Callable[[list[str]], Any], argv: list[str]) -> Any:
+    """`main(argv)` with user-facing errors as one line (see the module docstring)."""
+    try:
+        return main(argv)
+    except user_errors() as e:
+        if _show_traceback():
+            raise
+        if isinstance(e, OSError) and e.filename:
+            fail(f"{e.filename}: {e.strerror or e}")
+        fail(str(e))
+
+
+def run(
+    main: Callable[[list[str]], Any],
+    dir_flags: Sequence[str] = (),
+    argv: Sequence[str] | None = None,
+) -> None:
+    """`absl.app.run(main)` with the saved config as the default `--config` (from the first
+    given flag of `dir_flags`) and one-line errors. `SAVED_FROM` holds the folder whose config
+    was used (None when `--config` was given)."""
+    from absl import app
+
+    global SAVED_FROM
+    args = list(sys.argv if argv is None else argv)
+    if dir_flags:
+        args, SAVED_FROM = config_argv(args, dir_flags)
+    app.run(lambda a: call(main, a), argv=args, flags_parser=parse_flags)
+
+
+SAVED_FROM: str | None = None
+
+
+def check_config(config: Any, directory: str | None, purpose: str) -> None:
+    """Refuse `config` when it conflicts with the config saved in `directory` (see
+    `config.conflicting_keys`); nothing when `directory` has none."""
+    if directory:
+        from daipnet_jax import checkpoints
+
+        checkpoints.check_saved_config(directory, config, purpose)
