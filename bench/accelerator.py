@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -47,6 +46,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.70")
+
+from common import jit_detect, median_time, print_result  # noqa: E402
 
 from daipnet_jax import platform  # noqa: E402
 
@@ -84,17 +85,6 @@ def flops_of(compiled: Any) -> float | None:
         cost = cost[0] if cost else {}
     value = (cost or {}).get("flops")
     return float(value) if value else None
-
-
-def median_time(fn: Callable[[], Any], iters: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 class Budget:
@@ -269,13 +259,11 @@ def largest_batch(
 
 def detect_bench(batches: tuple[int, ...], iters: int, quick: bool) -> dict[int, float]:
     """{batch: seconds per call} of jitted `postprocess.detect` on device-resident outputs."""
-    import functools
 
     import jax
     import numpy as np
     from postprocess import synthetic_outputs
 
-    from daipnet_jax import postprocess
     from daipnet_jax.boxes import prior_boxes
     from daipnet_jax.config import base_config
 
@@ -284,18 +272,7 @@ def detect_bench(batches: tuple[int, ...], iters: int, quick: bool) -> dict[int,
     num_classes = cfg.model.num_classes
     if quick:
         priors, num_classes = priors[::20], 11
-    pp = cfg.postprocess
-    fn = jax.jit(
-        functools.partial(
-            postprocess.detect,
-            variances=tuple(cfg.priors.variances),
-            score_threshold=pp.score_threshold,
-            nms_iou=pp.nms_iou,
-            per_class_max=pp.per_class_max,
-            max_detections=pp.max_detections,
-            pre_nms_top_k=pp.pre_nms_top_k,
-        )
-    )
+    fn = jit_detect(cfg)
     out = {}
     dev_priors = jax.device_put(priors)
     for batch in batches:
@@ -500,7 +477,7 @@ def main() -> None:
     results["skipped_sections"] = str(len(budget.skipped))
     results["wall_s"] = f"{total:.0f}"
     print(f"total {total:.0f} s; skipped: {', '.join(budget.skipped) or 'none'}")
-    print("RESULT " + " ".join(f"{k}={v}" for k, v in results.items()))
+    print_result(results)
 
 
 if __name__ == "__main__":

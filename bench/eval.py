@@ -26,12 +26,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+
+from common import best_time  # noqa: E402
 
 from daipnet_jax import platform  # noqa: E402
 
@@ -43,16 +44,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 TARGET_CANDIDATES = 5000  # (prior, class) pairs above 0.01 per image, as bench/postprocess.py
@@ -108,7 +99,7 @@ def jax_images_per_s(variant: str, width: float, batch: int, repeats: int) -> fl
     def run() -> None:
         jax.block_until_ready(step(variables, images))
 
-    return batch / best_time(run, repeats)
+    return batch / best_time(run, repeats, warmup=1)
 
 
 def torch_postprocess(loc, conf, priors, *, thresh=0.01, nms_iou=0.45, per_class=50, top=200):
@@ -178,7 +169,7 @@ def torch_images_per_s(width: float, batch: int, repeats: int) -> float:
             conf[..., 0] += bias
             torch_postprocess(loc, conf, priors)
 
-    return batch / best_time(run, repeats)
+    return batch / best_time(run, repeats, warmup=1)
 
 
 def main() -> None:

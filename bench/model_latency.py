@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+
+from common import median_time, print_result  # noqa: E402
 
 from daipnet_jax import platform  # noqa: E402
 
@@ -43,18 +43,6 @@ platform.setup()  # as train.py runs: XLA:CPU flag on CPU-only runs, quiet logs
 
 MODELS = ("daipnet300", "lrf300", "ssd300")
 CAFFE_MEAN_BGR = (104.0, 117.0, 123.0)
-
-
-def median_seconds(fn: Callable[[], object], iters: int, warmup: int = 1) -> float:
-    """Median wall seconds of `fn()` over `iters` calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def random_variables(shapes: dict) -> dict:
@@ -103,7 +91,7 @@ def jax_latency(variant: str, width: float, batch: int, iters: int) -> tuple[flo
     t = time.perf_counter()
     jax.block_until_ready(forward(variables, images))
     compile_s = time.perf_counter() - t
-    sec = median_seconds(lambda: jax.block_until_ready(forward(variables, images)), iters)
+    sec = median_time(lambda: jax.block_until_ready(forward(variables, images)), iters)
     return compile_s, sec
 
 
@@ -136,7 +124,7 @@ def torch_latency(variant: str, width: float, batch: int, iters: int) -> float:
         with torch.inference_mode():
             net(x)
 
-    return median_seconds(run, iters)
+    return median_time(run, iters)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average (1 min) at end {load1:.2f}")
     results["width"] = f"{width:g}"
     results["load_avg_1m"] = f"{max(load0, load1):.2f}"
-    print("RESULT " + " ".join(f"{k}={v}" for k, v in results.items()))
+    print_result(results)
 
 
 if __name__ == "__main__":

@@ -28,16 +28,14 @@ Last line: `RESULT postprocess_ms_per_img_b1=... postprocess_vs_torch_b1=... ...
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from common import best_time, jit_detect, print_result
 
-from daipnet_jax import postprocess
 from daipnet_jax.config import base_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -302,15 +300,6 @@ def compare(jax_out, ref) -> int:
     return bad
 
 
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
@@ -335,17 +324,7 @@ def main() -> None:
     if nms is None:
         nms, nms_name = torch_nms_loop, "loop"
 
-    fn = jax.jit(
-        functools.partial(
-            postprocess.detect,
-            variances=tuple(cfg.priors.variances),
-            score_threshold=pp.score_threshold,
-            nms_iou=pp.nms_iou,
-            per_class_max=pp.per_class_max,
-            max_detections=pp.max_detections,
-            pre_nms_top_k=pp.pre_nms_top_k,
-        )
-    )
+    fn = jit_detect(cfg)
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs, load "
         f"{os.getloadavg()[0]:.1f}), torch {torch.__version__} (1 thread, NMS: {nms_name}), "
@@ -405,7 +384,7 @@ def main() -> None:
             results[f"{key}_speedup_b{batch}"] = f"{ms_np / ms:.2f}"
             results[f"{key}_mismatch_b{batch}"] = str(mismatched)
             results[f"{key}_torch_mismatch_b{batch}"] = str(torch_mismatched)
-    print("RESULT " + " ".join(f"{k}={v}" for k, v in results.items()))
+    print_result(results)
 
 
 if __name__ == "__main__":

@@ -31,20 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from common import median_time  # noqa: E402
+
 from daipnet_jax import platform  # noqa: E402
 
 platform.setup()  # as train.py runs: XLA:CPU flag on CPU-only runs, quiet logs
-
-
-def _time(fn, iters: int) -> float:
-    """Median wall seconds of `fn()` over `iters` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def make_batch(config, batch: int, seed: int = 0):
@@ -116,9 +107,9 @@ def jax_bench(variant: str, width: float, batch: int, iters: int) -> dict[str, f
         holder["s"], m = step(holder["s"], batch_g)
         jax.block_until_ready(m)
 
-    f = _time(lambda: jax.block_until_ready(fwd(p, bs, img)), iters)
-    fb = _time(lambda: jax.block_until_ready(fwd_bwd(p, bs, img)), iters)
-    s = _time(run_step, iters)
+    f = median_time(lambda: jax.block_until_ready(fwd(p, bs, img)), iters)
+    fb = median_time(lambda: jax.block_until_ready(fwd_bwd(p, bs, img)), iters)
+    s = median_time(run_step, iters)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
     return dict(
         forward=f,

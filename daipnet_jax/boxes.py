@@ -1,10 +1,7 @@
 """Prior boxes, IoU, box encoding and ground-truth matching (SSD, paper Section 3.5).
 
-Conventions: ground truth and decoded boxes are normalised corners
-(xmin, ymin, xmax, ymax); priors are normalised centre form (cx, cy, w, h).
-
-Every function but `prior_boxes` (host-side NumPy, computed once per config) is a pure `jax.numpy`
-function with static shapes: it runs under `jit`, and `match` is batched with `vmap` over images.
+Boxes are normalised corners (xmin, ymin, xmax, ymax); priors normalised centre form
+(cx, cy, w, h). All but `prior_boxes` (host NumPy) are static-shape `jax.numpy`.
 """
 
 from __future__ import annotations
@@ -38,10 +35,8 @@ def prior_boxes(config: Any) -> np.ndarray:
     For each source k (in head order), for each cell (i row, j column, row-major),
     centre ((j + 0.5)/f_k, (i + 0.5)/f_k) with f_k = S / step_k, then the sizes in this order:
     min_k; sqrt(min_k·max_k); for each ratio r: (min_k·√r, min_k/√r), (min_k/√r, min_k·√r); all
-    divided by S. The order (row, column, anchor) is the NHWC reshape order of the heads.
-    With `priors.clip` (the reference's default) each of cx, cy, w, h is clamped to [0, 1]
-    (centre form, as ssd.pytorch's PriorBox does; corners are not clipped).
-    choice: computed in float64 (like the reference's Python floats), then cast to float32.
+    divided by S; (row, column, anchor) is the heads' NHWC order. `priors.clip` clamps cx, cy,
+    w, h to [0, 1] (as ssd.pytorch's PriorBox).
     """
     table, size = _prior_section(config)
     out: list[list[float]] = []
@@ -78,13 +73,7 @@ def corners_to_center(boxes: jax.Array) -> jax.Array:
 
 
 def iou(a: Any, b: Any, xp: Any = jnp) -> Any:
-    """Intersection over union of corner boxes: a [..., N, 4], b [..., M, 4] → [..., N, M].
-
-    Areas are plain (xmax − xmin)·(ymax − ymin), no "+1" (docs/design.md, box areas).
-    Touching boxes (shared edge) have IoU 0. choice: where the union is 0 (two empty boxes) the
-    IoU is 0 instead of NaN. `xp=np` computes on the host in the inputs' dtype (evaluation,
-    data generation); the default `jnp` in float32.
-    """
+    """IoU of corner boxes a [..., N, 4], b [..., M, 4] → [..., N, M] (docs/design.md, Box areas)."""
     a = jnp.asarray(a, jnp.float32) if xp is jnp else np.asarray(a)
     b = jnp.asarray(b, jnp.float32) if xp is jnp else np.asarray(b)
     lo = xp.maximum(a[..., :, None, :2], b[..., None, :, :2])
@@ -98,10 +87,7 @@ def iou(a: Any, b: Any, xp: Any = jnp) -> Any:
 
 
 def encode(matched: jax.Array, priors: jax.Array, variances: Variances = (0.1, 0.2)) -> jax.Array:
-    """SSD regression targets: matched [..., P, 4] corners, priors [P, 4] centre → [..., P, 4].
-
-    ((g_c − p_c) / (v0 · p_wh), log(g_wh / p_wh) / v1), g the matched truth in centre form.
-    """
+    """matched [..., P, 4] corners, priors [P, 4] → ((g_c − p_c) / (v0·p_wh), log(g_wh / p_wh) / v1)."""
     priors = jnp.asarray(priors, jnp.float32)
     g = corners_to_center(jnp.asarray(matched, jnp.float32))
     g_c = (g[..., :2] - priors[:, :2]) / (variances[0] * priors[:, 2:])
@@ -161,22 +147,11 @@ def match(
     iou_threshold: float = 0.5,
     variances: Variances = (0.1, 0.2),
 ) -> tuple[jax.Array, jax.Array]:
-    """SSD matching for a batch of images with padded ground truth.
+    """SSD matching: gt_boxes [B, G, 4], gt_labels [B, G] in 1..K, gt_mask [B, G], priors [P, 4]
+    → (loc_targets [B, P, 4] f32, 0 on background; cls_targets [B, P] int32, 0 = background).
 
-    Args:
-      gt_boxes: [B, G, 4] float32 normalised corners (padding rows arbitrary).
-      gt_labels: [B, G] int32 in 1..K.
-      gt_mask: [B, G] bool, True for real truths.
-      priors: [P, 4] centre form.
-    Returns:
-      loc_targets [B, P, 4] float32 (`encode` of the matched truth; 0 on background priors) and
-      cls_targets [B, P] int32 (0 = background).
-
-    Rules: IoU between every valid truth and every prior; each prior takes its best truth (ties:
-    lower truth index); each valid truth forces its own best prior (ties: lower prior index) with
-    overlap 2, the later truth winning when several force the same prior; priors whose best
-    overlap is < `iou_threshold` are background. Invalid truths are never matched and never
-    force. Memory: one [G, P] IoU matrix per image (vmapped: [B, G, P]).
+    Each prior takes its best truth (ties: lower index); each valid truth forces its best prior
+    (overlap 2, later truth wins); best overlap < `iou_threshold` → background.
     """
     priors = jnp.asarray(priors, jnp.float32)
     one = functools.partial(

@@ -6,13 +6,7 @@
 - `lrf`: official LRF300 / LRF512 (`vaesl/LRF-Net`) into the `lsn/lrf/lrf` model
   (`lrf_entries`, the one key map); use with `model.align_corners=True` (docs/design.md).
 - `ssd`: ssd.pytorch SSD300 into the `ssd` family.
-
-Caffe-style sources (all but torchvision) read BGR minus (104, 117, 123): every conv that reads
-the image gets its input channels reversed, so our model reads RGB minus `pixel_mean`
-(123, 117, 104). `torch.load(weights_only=True)` only; a `module.` prefix is stripped; OIHW →
-HWIO; BatchNorm `weight/bias/running_mean/running_var` → `scale/bias/mean/var`. Every key is
-consumed and every shape checked against `checkpoints.abstract_variables`; the first missing,
-unexpected or mis-shaped key raises `ConversionError`. Output: `checkpoints.save_variables`.
+Every key is consumed and shape-checked (docs/design.md, Converted weights).
 
     python -m daipnet_jax.convert lrf --input LRF_COCO_300.pth \\
         --config configs/coco.py:lrf300 --config.model.align_corners=True --output DIR
@@ -53,12 +47,7 @@ class ConversionError(ValueError):
 
 # ------------------------------------------------------------------ loading
 def load_state_dict(path: str | pathlib.Path) -> StateDict:
-    """Read a `.pth` state dict with `torch.load(..., weights_only=True)`; float32 numpy values.
-
-    Accepts a bare state dict or one wrapped as {'state_dict': …} / {'model': …} (choice: the two
-    common wrappers); strips a DataParallel `module.` prefix. Raises `ConversionError` when the
-    pickle holds anything but tensors and containers (it would need `weights_only=False`).
-    """
+    """`.pth` (bare, or under 'state_dict' / 'model') → float32 numpy dict; `weights_only=True`."""
     try:
         import torch
     except ImportError as e:  # pragma: no cover - depends on the installation
@@ -110,10 +99,7 @@ def bgr_to_rgb_oihw(w: np.ndarray) -> np.ndarray:
 
 
 def decimate_fc6(w: np.ndarray) -> np.ndarray:
-    """torchvision fc6 [4096, 25088] → conv6 OIHW [1024, 512, 3, 3] (SSD's reduced fc6).
-
-    Reshaped to [4096, 512, 7, 7]; every 4th output filter, every 3rd tap (0, 3, 6) per axis.
-    """
+    """fc6 [4096, 25088] → conv6 OIHW [1024, 512, 3, 3]: every 4th filter, taps 0, 3, 6 per axis."""
     if w.shape != (4096, 512 * 7 * 7):
         raise ValueError(f"fc6 weight must be [4096, 25088], got {w.shape}")
     return w.reshape(4096, 512, 7, 7)[::4, :, ::3, ::3]
@@ -138,11 +124,7 @@ def _identity(x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ mapping entries
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One state-dict key: where it goes (`collection`, `path`) and how it is transformed.
-
-    `collection=None` consumes and drops the key (torchvision fc8, `num_batches_tracked`);
-    `optional` keys may be absent.
-    """
+    """One state-dict key → (`collection`, `path`), transformed; `collection=None` drops it."""
 
     key: str
     collection: str | None
@@ -185,7 +167,6 @@ def convbn_entries(tkey: str, path: Path, *, bgr: bool = False) -> list[Entry]:
 
 # ------------------------------------------------------------------ applying a mapping
 def flatten(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
-    """Nested dict → {path tuple: leaf}."""
     out: dict[Path, Any] = {}
     for k, v in tree.items():
         if isinstance(v, Mapping):
@@ -196,7 +177,6 @@ def flatten(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
 
 
 def unflatten(flat: Mapping[Path, Any]) -> dict[str, Any]:
-    """{path tuple: leaf} → nested dict."""
     out: dict[str, Any] = {}
     for path, v in flat.items():
         node = out
@@ -218,13 +198,9 @@ def apply_entries(
     fmt: str,
     require: Iterable[tuple[str, Path]] = (),
 ) -> dict[str, Any]:
-    """Consume `sd` through `entries` into a tree shaped like `target` ({'params','batch_stats'}).
+    """Consume `sd` through `entries` into float32 arrays shaped like `target` (leaves: `.shape`).
 
-    `target` leaves need only `.shape` (e.g. `jax.ShapeDtypeStruct` from `jax.eval_shape`).
-    `require`: (collection, path prefix) pairs whose every target leaf must be written (the
-    whole target when empty). Returns {'params': …, 'batch_stats': …} of float32 numpy arrays
-    (only the written leaves). Raises `ConversionError` naming the first missing, unexpected or
-    mis-shaped key.
+    `require`: (collection, path prefix) pairs that must be fully written (all of `target` if empty).
     """
     entries = list(entries)
     by_key = {e.key: e for e in entries}
@@ -345,18 +321,8 @@ def torchvision_vgg16_entries() -> list[Entry]:
 
 
 def lrf_entries(image_size: int, num_sources: int) -> list[Entry]:
-    """Official LRF300 / LRF512 (`vaesl/LRF-Net` `models/LRF_COCO_{300,512}.py`) → the
-    `lsn/lrf/lrf` model: the one LRF key map (n = 4 fused levels at 300, 5 at 512).
-
-    | official key prefix | ours |
-    |---|---|
-    | `base.N` (VGG indices, `vgg.VGG_TORCH_INDEX`) | `backbone/conv*` |
-    | `ibn{1,2}.bn`, `Norm{i}.single_branch.0`, `dsc{i}.single_branch.0` | `fusion/…` |
-    | `icn1.part_a.{0,1,2}`, `icn1.part_b`, `icn{k}.part_{a,b}` | `aux/icn*/…` |
-    | `extras.*` | `extras/otc*/single_branch_*`, `extras/cb*` |
-    | `proj{j}`, `agent{i}`, `convert{i}`, `merge{i}` | `topdown/…` |
-    | `loc.s`, `conf.s` | `heads/loc{s}`, `heads/conf{s}` |
-    """
+    """Official LRF300 / LRF512 → the `lsn/lrf/lrf` model: the one LRF key map (table:
+    docs/design.md, Converted weights)."""
     n = 4 if image_size == 300 else 5
     out = vgg_entries("base.", bgr=True)
     out += bn_entries("ibn1.bn", (FUSION, "ibn1")) + bn_entries("ibn2.bn", (FUSION, "ibn2"))
@@ -372,8 +338,7 @@ def lrf_entries(image_size: int, num_sources: int) -> list[Entry]:
 
 
 def lsn_entries(n: int) -> list[Entry]:
-    """LSN `icn1.part_a.{0,1,2}`, `icn1.part_b`, `icn{k}.part_{a,b}` → `aux/icn*` (the first
-    conv reads the pooled image: BGR → RGB swap)."""
+    """LSN `icn*.part_{a,b}` → `aux/icn*` (the first conv reads the image: BGR → RGB swap)."""
     out: list[Entry] = []
     for j in range(3):
         out += convbn_entries(f"icn1.part_a.{j}", (AUX, "icn1", f"part_a_{j}"), bgr=j == 0)
@@ -478,13 +443,8 @@ def convert_state_dict(
     *,
     shapes: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """State dict (numpy or torch values) of format `fmt` → Flax variables for `config`'s model.
-
-    `lrf` / `ssd`: the complete {'params', 'batch_stats'} of `models.build(config)`.
-    VGG formats: only the backbone, {'params': {'backbone': …}, 'batch_stats': {}} (graft it with
-    `checkpoints.merge_vgg`). `shapes` (optional): precomputed `checkpoints.abstract_variables`.
-    Raises `ConversionError` on any mismatch.
-    """
+    """State dict of format `fmt` → variables of `config`'s model (VGG formats: backbone only,
+    for `checkpoints.merge_vgg`)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     _check_config(fmt, config)
@@ -516,7 +476,6 @@ def _to_numpy(v: Any) -> np.ndarray:
 def convert_file(
     fmt: str, input_path: str | pathlib.Path, config: Any, output: str | pathlib.Path
 ) -> pathlib.Path:
-    """Load `input_path`, convert (`convert_state_dict`), save to `output`; returns the directory."""
     sd = load_state_dict(input_path)
     variables = convert_state_dict(fmt, sd, config)
     meta = {
@@ -550,11 +509,8 @@ def _cli_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m daipnet_jax.convert FORMAT --input X.pth --config CFG --output DIR`.
-
-    Flags are defined here, not at import, so that importing this module never clashes with the
-    importer's own `--config` flag.
-    """
+    """`python -m daipnet_jax.convert FORMAT --input X.pth --config CFG --output DIR`."""
+    # Flags defined here, not at import: importing this module must not clash with `--config`.
     from absl import app, flags
     from ml_collections import config_flags
 

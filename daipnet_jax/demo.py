@@ -1,16 +1,7 @@
 """The quick start behind `make demo`: generate data, train, evaluate, draw predictions.
 
-Runs the project's own command lines one after another, exactly as a user would type them:
-
-1. `python -m daipnet_jax.data.generated --out WORKDIR/data` writes the built-in dataset;
-2. `python train.py --config configs/generated.py:demo --workdir WORKDIR ...` trains a
-   width-reduced DAIPNet300 for a fixed number of steps (the result does not depend on the
-   machine's speed), shown as a progress bar with an ETA; the full log goes to WORKDIR/train.log;
-3. `python evaluate.py --config ... --workdir WORKDIR` scores it with pycocotools;
-4. `python -m daipnet_jax.predict ...` draws the detections of a few validation images.
-
-The result is gated: an AP50 below `AP50_BAR` is reported as a failure (exit 1), never as a
-finished demo.
+Runs the user's command lines in turn (data.generated, train.py for a fixed number of steps with
+a progress bar, evaluate.py, predict); an AP50 below `AP50_BAR` exits 1.
 
     python -m daipnet_jax.demo --workdir runs/demo [--seed 0]
 """
@@ -49,7 +40,6 @@ def _show(cmd: list[str]) -> None:
 
 
 def run(cmd: list[str]) -> float:
-    """Run a command in the foreground; returns its wall time."""
     _show(cmd)
     start = time.perf_counter()
     if subprocess.run(cmd, cwd=REPO).returncode != 0:
@@ -60,8 +50,7 @@ def run(cmd: list[str]) -> float:
 
 
 def _bar(done: int, total: int, elapsed: float, first: tuple[int, float] | None) -> str:
-    """`[#####.....] 150/600 (25%) 1:30 elapsed, ETA 4:30`; the ETA is measured from the steps
-    after the first logged one (which includes compilation)."""
+    """`[#####.....] 150/600 (25%) 1:30 elapsed, ETA 4:30` (ETA from after the first step)."""
     width = 30
     fill = int(width * done / max(total, 1))
     eta = "ETA ?"
@@ -78,8 +67,7 @@ def _clock(seconds: float) -> str:
 
 
 def train_with_progress(cmd: list[str], log_path: Path) -> float:
-    """Run train.py, drawing its `step N/T` lines as one progress bar (redrawn in place on a
-    terminal); everything it prints goes to `log_path`. Returns the wall time."""
+    """Run train.py with its `step N/T` lines as a progress bar, output to `log_path`; wall time."""
     _show(cmd)
     tty = sys.stdout.isatty()
     start = time.perf_counter()

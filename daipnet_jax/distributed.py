@@ -1,13 +1,7 @@
-"""Several processes (multi-host): the command-line flags and the `jax.distributed` call shared
-by `train.py` and `evaluate.py`.
+"""Multi-process flags and the `jax.distributed` call of train.py and evaluate.py.
 
-Pass `--coordinator_address HOST:PORT --num_processes N --process_id I` on every process, or rely
-on the environment that `jax.distributed.initialize()` detects by itself (SLURM, Cloud TPU, Open
-MPI, `JAX_COORDINATOR_ADDRESS`, ...) and set `--distributed` to force that call.
-
-    distributed_flags = distributed.define_flags()   # at import time of the program
-    ...
-    distributed_flags.initialize()                   # in main(), before any other JAX call
+`--coordinator_address HOST:PORT --num_processes N --process_id I`, or `--distributed` to let
+`jax.distributed.initialize()` read the environment (SLURM, Cloud TPU, Open MPI, ...).
 """
 
 from __future__ import annotations
@@ -37,8 +31,7 @@ class DistributedFlags:
         )
 
     def initialize(self) -> bool:
-        """Calls `jax.distributed.initialize` with the given flags when `requested()`; must run
-        before anything else touches the JAX backend. Returns whether it was called."""
+        """`jax.distributed.initialize` when `requested()`, before any JAX call; whether called."""
         if not self.requested():
             return False
         import jax
@@ -57,8 +50,6 @@ class DistributedFlags:
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> DistributedFlags:
-    """Defines `--coordinator_address`, `--num_processes`, `--process_id`, `--local_device_ids`
-    and `--distributed` on `flag_values`."""
     return DistributedFlags(
         coordinator_address=flags.DEFINE_string(
             "coordinator_address",

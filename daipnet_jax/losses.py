@@ -1,7 +1,6 @@
-"""SSD MultiBox loss: smooth-L1 localisation + hard-negative-mined softmax CE (SSD, Liu et al. 2016, Section 2.2).
+"""SSD MultiBox loss: smooth-L1 + hard-negative-mined softmax CE (SSD, Liu et al. 2016, §2.2).
 
-Static shapes throughout (no boolean indexing): hard negatives are chosen with a sort-based rank,
-so the loss is `jit`-able and shardable over the batch axis.
+Static shapes: hard negatives by a sort-based rank, no boolean indexing.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ def smooth_l1(x: jax.Array) -> jax.Array:
 
 
 def _wide(x: jax.Array) -> jax.Array:
-    """`x` in float32, or float64 when it is float64 (the reference runs under jax_enable_x64)."""
     x = jnp.asarray(x)
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
@@ -31,19 +29,10 @@ def background_loss(logits: jax.Array) -> jax.Array:
 def hard_negative_mask(
     bg_loss: jax.Array, cls_targets: jax.Array, *, neg_pos_ratio: int = 3
 ) -> jax.Array:
-    """Hard negatives per image (SSD's hard negative mining): bg_loss [B, P], cls_targets [B, P] → mask [B, P] bool.
+    """bg_loss [B, P], cls_targets [B, P] → mask [B, P] of the hard negatives per image.
 
-    Per image with n positives, the negatives (cls_targets == 0) with the largest background loss,
-    n_neg = min(neg_pos_ratio·n, P − 1, number of negatives) of them; ties: lower prior index
-    first (stable sort). An image without positives gets no negatives.
-
-    choice (differs from ssd.pytorch only in a corner case): ssd.pytorch zeroes the positives'
-    loss and ranks all priors, so when neg_pos_ratio·n exceeds the number of negatives it may
-    pick positives as "negatives" (harmless there, since it takes the union). Here negatives are
-    chosen among negatives only, so the mask never overlaps the positives.
-
-    Static shapes: one stable argsort of [B, P] plus a scatter for the inverse permutation (the
-    rank of each prior); no data-dependent shapes. No gradient flows through the mask.
+    The min(neg_pos_ratio·n, P − 1, #negatives) negatives with the largest bg_loss (ties: lower
+    prior index); none without positives. choice: never a positive (docs/design.md, Loss).
     """
     bg_loss = jax.lax.stop_gradient(_wide(bg_loss))
     positive = cls_targets > 0
@@ -65,23 +54,10 @@ def multibox_loss(
     *,
     neg_pos_ratio: int = 3,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """SSD MultiBox loss.
-
-    Args:
-      loc: [B, P, 4] predicted offsets; logits: [B, P, C] class logits (0 = background).
-      loc_targets: [B, P, 4] from `boxes.match`; cls_targets: [B, P] int32, 0 = background.
-    Returns:
-      (total, {'loc', 'conf', 'num_pos'}), total = loc + conf (weight α = 1):
-      - loc = Σ over positives of smooth-L1(loc − loc_targets) (summed over the 4 coords) / N;
-      - conf = Σ over positives and `hard_negative_mask` of softmax CE / N;
-      - N = max(total positives of the whole batch array, 1); num_pos is that total (float).
-    Under `jit` with the batch sharded (NamedSharding) the arrays are global, so these sums are
-    over the global batch: the normalisation is correct across devices and hosts without psum.
-    A batch with no positives gives loss 0 from the loc term and no negatives (finite gradients).
-
-    Memory: the CE uses logsumexp [B, P] and a gathered logit [B, P]; no one-hot or full
-    log-softmax [B, P, C] array is materialised besides what XLA's fused reductions need.
-    All computations in float32 (float64 for float64 inputs).
+    """loc [B, P, 4], logits [B, P, C], loc_targets [B, P, 4], cls_targets [B, P] (0 = background)
+    → (total = loc + conf, {'loc', 'conf', 'num_pos'}), in float32:
+      loc = Σ_pos smooth-L1(loc − loc_targets) / N;  conf = Σ_{pos ∪ hard neg} CE / N;
+      N = max(positives of the whole (global) batch array, 1).
     """
     loc = _wide(loc)
     logits = _wide(logits)

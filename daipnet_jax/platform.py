@@ -1,15 +1,7 @@
-"""Runtime switches of the command lines: XLA:CPU flags, quiet logs, the compilation cache.
+"""Runtime switches of the entry points: XLA:CPU flag, quiet logs, the compilation cache.
 
-Every entry point (train.py, evaluate.py, predict, export, the convert CLI, the demo, bench/,
-tests/conftest.py) calls `setup()` first, before JAX starts a backend and before TensorFlow
-loads. Nothing in the library itself sets flags or touches logging.
-
-    setup()                          # XLA:CPU flag, quiet logs
-    setup(compilation_cache=True)    # + the persistent compilation cache (train.py, evaluate.py)
-
-The compilation cache lives in `$JAX_COMPILATION_CACHE_DIR`, by default
-`$XDG_CACHE_HOME/daipnet_jax/jax` (`~/.cache/daipnet_jax/jax`); `JAX_ENABLE_COMPILATION_CACHE=0`
-switches it off. The XLA:CPU flag is skipped with `DAIPNET_CPU_FAST_CONV=0`.
+Every entry point calls `setup()` before JAX starts a backend; the library never sets flags.
+`JAX_ENABLE_COMPILATION_CACHE=0` and `DAIPNET_CPU_FAST_CONV=0` switch the cache and the flag off.
 """
 
 from __future__ import annotations
@@ -53,11 +45,7 @@ def setup(*, compilation_cache: bool = False) -> None:
 
 
 def accelerator_requested(environ: MutableMapping[str, str] | None = None) -> bool:
-    """True unless this process can only run on CPU.
-
-    `JAX_PLATFORMS` decides when set; otherwise any installed JAX accelerator plugin (CUDA,
-    ROCm, TPU) counts as a request, since JAX then prefers it over the CPU.
-    """
+    """True unless CPU-only: `JAX_PLATFORMS` if set, else any installed accelerator plugin."""
     env = os.environ if environ is None else environ
     platforms = [p.strip() for p in env.get("JAX_PLATFORMS", "").lower().split(",") if p.strip()]
     if platforms:
@@ -78,12 +66,8 @@ def _jaxlib_version() -> tuple[int, int] | None:
 
 
 def add_cpu_flags(environ: MutableMapping[str, str] | None = None) -> bool:
-    """Append `XLA_CPU_FAST_CONV_FLAGS` to `XLA_FLAGS` when the run is CPU-only.
-
-    Returns whether the flag was added. Nothing changes when an accelerator is requested (the
-    flag is XLA:CPU's), when the jaxlib is not one in `FAST_CONV_JAXLIB`, when the user already
-    chose a YNNPACK fusion type, or with `DAIPNET_CPU_FAST_CONV=0`.
-    """
+    """Append `XLA_CPU_FAST_CONV_FLAGS` to `XLA_FLAGS` if CPU-only, the jaxlib is checked
+    (`FAST_CONV_JAXLIB`) and the user set no fusion type; returns whether it did."""
     env = os.environ if environ is None else environ
     current = env.get("XLA_FLAGS", "")
     if (
@@ -107,11 +91,7 @@ def default_cache_dir(environ: MutableMapping[str, str] | None = None) -> Path:
 
 
 def enable_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path | None:
-    """Persist compiled programs across runs (a resume or a re-evaluation skips compilation).
-
-    Returns the cache folder, or None when `JAX_ENABLE_COMPILATION_CACHE` is off. Programs
-    that compiled in under a second are not stored.
-    """
+    """Persistent compilation cache (programs over 1 s); its folder, or None when off."""
     if os.environ.get("JAX_ENABLE_COMPILATION_CACHE", "1").lower() in _OFF:
         return None
     import jax
@@ -123,8 +103,6 @@ def enable_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path
 
 
 class _DropLibraryInfo(logging.Filter):
-    """Drops INFO (and lower) records emitted from the files of `libraries`."""
-
     def __init__(self, libraries: tuple[str, ...]) -> None:
         super().__init__()
         self._markers = tuple(f"/{name}/" for name in libraries)

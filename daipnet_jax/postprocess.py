@@ -1,10 +1,7 @@
 """Batched, static-shape SSD inference post-processing on device.
 
-`detect` = softmax → decode → per class (background skipped): score > threshold, greedy NMS at
-IoU > nms_iou, keep ≤ per_class_max → the max_detections best per image. Fixed-size outputs with
-a validity mask; everything is `jax.lax` (top_k, while_loop, map), so it runs jitted on the
-accelerator without host round trips. Why it is built this way, with measurements:
-docs/design.md, "Post-processing".
+`detect` = softmax → decode → per class: score > threshold, greedy NMS, ≤ per_class_max → the
+max_detections best per image; fixed-size with a validity mask (docs/design.md, Post-processing).
 """
 
 from __future__ import annotations
@@ -30,21 +27,8 @@ def _iou_row(box: jax.Array, others: jax.Array) -> jax.Array:
 
 
 def greedy_nms(cand_boxes: jax.Array, valid: jax.Array, nms_iou: float, max_keep: int) -> jax.Array:
-    """Greedy NMS over candidates sorted by descending score, vectorised over leading axes.
-
-    Args:
-      cand_boxes: [..., k, 4] corners, in processing order (descending score, ties resolved).
-      valid: [..., k] bool, candidates that take part (above the score threshold).
-      nms_iou: a candidate is suppressed when its IoU with an earlier kept one is > nms_iou.
-      max_keep: at most this many are kept per row (the first ones greedy NMS keeps).
-    Returns:
-      keep [..., k] bool.
-
-    Greedy NMS = repeatedly keep the first alive candidate and kill the alive ones overlapping it
-    by > nms_iou. Each step of the `lax.while_loop` does this for every row at once, so the loop
-    runs at most `max_keep` steps (not k) and stops early when no row has an alive candidate.
-    Memory O(size of valid); work O(max_keep · size of valid).
-    """
+    """Greedy NMS of cand_boxes [..., k, 4] (by descending score), valid [..., k] → keep [..., k]."""
+    # One while-loop step per kept box for all rows at once: ≤ max_keep steps, no k × k matrix.
     k = cand_boxes.shape[-2]
     ranks = jnp.arange(k)
 
@@ -78,10 +62,7 @@ ACTIVE_FRACTION = 4
 def _kept_slots(
     keep: jax.Array, top_s: jax.Array, top_i: jax.Array, slots: int
 ) -> tuple[jax.Array, jax.Array]:
-    """The first `slots` kept candidates of each row, in rank order.
-
-    keep, top_s, top_i: [R, w] → (scores [R, slots], -inf where fewer kept; prior indices [R, slots]).
-    """
+    """keep, top_s, top_i [R, w] → the first `slots` kept (scores [R, slots], -inf; indices)."""
     w = keep.shape[-1]
     if slots > w:
         pad = ((0, 0), (0, slots - w))
@@ -105,13 +86,10 @@ def _nms_rows(
     slots: int,
     skip_overflow: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-class NMS of R (image, class) rows.
+    """NMS of rows [R, P] (image rows_img [R]) over their k best priors, decoded [B, P, 4] →
+    (kept scores [R, slots], -inf = none; prior indices [R, slots]; k-th best score [R]).
 
-    rows [R, P] class scores, rows_img [R] image of each row, decoded [B, P, 4] →
-    (kept scores [R, slots] (-inf = none), kept prior indices [R, slots], k-th best score [R]).
-    Candidates: the k best priors of the row (`lax.top_k`: descending score, equal scores in
-    ascending prior index) above the threshold. With `skip_overflow`, rows whose k-th candidate
-    is above the threshold (redone later at a larger k) get no NMS work.
+    `skip_overflow`: rows whose k-th candidate passes the threshold (redone wider) get no NMS.
     """
     top_s, top_i = jax.lax.top_k(rows, k)  # [R, k], descending
     cand = decoded[rows_img[:, None], top_i]  # [R, k, 4]
@@ -134,14 +112,8 @@ def _per_class_nms(
     nms_iou: float,
     slots: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-class candidates and NMS: fg [B, K, M] scores, decoded [B, M, 4] →
-    (kept scores [B·K, slots], -inf = none; kept indices into M [B·K, slots]), rows image-major.
-
-    Tiers of candidate widths w_0 = FIRST_PASS_K < 4·FIRST_PASS_K < k (exact): every row runs
-    with w_0 candidates; a row whose w_t-th candidate is still above the threshold may have more
-    and is redone at w_{t+1}, in chunks of rows inside a `lax.while_loop` that runs as many
-    chunks as there are such rows; the last tier uses k.
-    """
+    """fg [B, K, M], decoded [B, M, 4] → (kept scores [B·K, slots], indices into M), image-major."""
+    # Widening tiers FIRST_PASS_K, 4·FIRST_PASS_K, k (exact; docs/design.md, Post-processing).
     num_b, num_k, num_m = fg.shape
     n_rows = num_b * num_k
     widths = sorted({min(k, FIRST_PASS_K), min(k, 4 * FIRST_PASS_K), k})
@@ -208,28 +180,11 @@ def detect(
     max_detections: int = 200,
     pre_nms_top_k: int = 1000,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """SSD detections: fixed-size, sorted by descending score.
+    """loc [B, P, 4], logits [B, P, C] (0 = background), priors [P, 4] centre form →
+    boxes [B, D, 4] normalised corners (unclipped), scores [B, D], classes [B, D] int32 in 1..C−1,
+    valid [B, D] (False: zeros); D = max_detections, by descending score.
 
-    Args:
-      loc: [B, P, 4] predicted offsets; logits: [B, P, C] (class 0 = background);
-      priors: [P, 4] centre form.
-    Returns:
-      boxes [B, D, 4] normalised corners (not clipped to [0, 1]: choice, as the reference),
-      scores [B, D], classes [B, D] int32 in 1..C−1, valid [B, D] bool; D = max_detections.
-      Entries with valid False have box 0, score 0 and class 0.
-
-    Rules: per class c ≥ 1, candidates with softmax score > score_threshold, processed in
-    descending score, ties broken by the lower prior index first; greedy NMS suppresses a box
-    whose IoU with a kept box is > nms_iou (strict); the first per_class_max kept boxes of each
-    class survive; then the max_detections best of the image, ties broken by the lower class,
-    then the lower prior index (choice). pre_nms_top_k (choice) caps each class's candidates
-    to its best before NMS; the default 1000 changed no detection on realistic outputs
-    (docs/design.md).
-
-    Exact speed-ups (docs/design.md): the dense [P, C] work is done one image at a time
-    (`lax.map`, cache-sized on CPU); when every image has at most P // ACTIVE_FRACTION priors
-    with some class above the threshold, only those priors are searched; candidates are taken
-    in widening tiers (FIRST_PASS_K, 4·FIRST_PASS_K, k), only rows that may have more go on.
+    Ties: lower prior index, then lower class. Greedy NMS suppresses IoU > nms_iou (strict).
     """
     loc = jnp.asarray(loc, jnp.float32)
     logits = jnp.asarray(logits, jnp.float32)

@@ -1,9 +1,4 @@
-"""Data parallelism: the device mesh, shardings, host → device transfers and prefetching.
-
-One 1-D `Mesh` over every device of every process with the axis `data`: batches are split
-over `data` (`P('data')`), parameters and optimiser state are replicated (`P()`); XLA inserts
-the gradient all-reduce. Each process feeds its own contiguous rows of the global batch.
-"""
+"""Data parallelism: one 1-D mesh `data`; batches split over it, parameters replicated."""
 
 from __future__ import annotations
 
@@ -26,7 +21,6 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over `data`."""
     return NamedSharding(mesh, P(AXIS))
 
 
@@ -37,11 +31,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def global_batch(
     local: Mapping[str, Any], mesh: Mesh, keys: tuple[str, ...] | None = None
 ) -> dict[str, jax.Array]:
-    """This process's rows of the batch → globally sharded `jax.Array`s (batch × processes).
-
-    Each process passes its own `[B / process_count, ...]` arrays: process p holds rows
-    p·b … (p+1)·b − 1 of the global batch. `keys` selects fields (default: all).
-    """
+    """Process p's rows p·b … (p+1)·b − 1 → global `jax.Array`s [b · processes, ...]."""
     sharding = batch_sharding(mesh)
     out = {}
     for k in keys if keys is not None else tuple(local):
@@ -62,12 +52,8 @@ def put_replicated(tree: Any, sharding: NamedSharding) -> Any:
 
 
 class DevicePrefetch(Iterator[dict[str, jax.Array]]):
-    """`global_batch` of the next `size` local batches, transferred ahead of the step.
-
-    The host → device copy of batch n+1 … n+size overlaps the step on batch n, so the step
-    does not wait for the input as long as the source keeps up. `source` stays reachable (the
-    loop reads its `stats`); `StopIteration` of the source ends this iterator.
-    """
+    """`global_batch` of the next `size` batches, copied while the step runs (docs/design.md,
+    Input transfer ahead of the step)."""
 
     def __init__(
         self,

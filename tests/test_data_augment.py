@@ -176,17 +176,9 @@ def test_augment_invariants_over_seeds():
     for s in range(60):
         img, boxes = _example(rng, int(rng.integers(80, 200)), int(rng.integers(80, 200)))
         labels = np.arange(1, len(boxes) + 1, dtype=np.int32)
-        seed = tf.constant([5, s])
-        out, b, lab, fb = _augment(
-            tf.constant(img),
-            tf.constant(boxes),
-            tf.constant(labels),
-            seed,
-            size=96,
-            pixel_mean=MEAN,
-            expand_prob=0.6,
-            max_expand_ratio=4.0,
-        )
+        args = (tf.constant(img), tf.constant(boxes), tf.constant(labels), tf.constant([5, s]))
+        kwargs = dict(size=96, pixel_mean=MEAN, expand_prob=0.6, max_expand_ratio=4.0)
+        out, b, lab, fb = _augment(*args, **kwargs)
         out, b, lab = out.numpy(), b.numpy(), lab.numpy()
         fell_back += bool(fb)
         assert (
@@ -199,16 +191,7 @@ def test_augment_invariants_over_seeds():
         assert np.all((b >= 0) & (b <= 1))
         assert np.all(b[:, 2] - b[:, 0] >= 0.01) and np.all(b[:, 3] - b[:, 1] >= 0.01)
         # Same seed → same example.
-        again = _augment(
-            tf.constant(img),
-            tf.constant(boxes),
-            tf.constant(labels),
-            seed,
-            size=96,
-            pixel_mean=MEAN,
-            expand_prob=0.6,
-            max_expand_ratio=4.0,
-        )
+        again = _augment(*args, **kwargs)
         np.testing.assert_array_equal(again[0].numpy(), out)
         np.testing.assert_array_equal(again[1].numpy(), b)
     assert fell_back < 10

@@ -1,9 +1,7 @@
 """The shared recipe: every section and its defaults, for any dataset.
 
-`recipe(variant, width=...)` builds the model, data, postprocess, train and init sections; the
-dataset files (`coco.py`, `voc.py`, `generated.py`) then set what differs per dataset: classes,
-prior sizes, data source, learning rate, schedule and batch. Every key is listed in the README's
-config reference.
+The dataset files set classes, prior sizes, source, learning rate, schedule and batch; every key
+is in the README's config reference.
 """
 
 from __future__ import annotations

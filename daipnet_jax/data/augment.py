@@ -1,28 +1,9 @@
 """SSD / RFBNet training augmentation in pure TensorFlow ops, one testable step each.
 
-Every random draw uses `tf.random.stateless_*` with an explicit seed `[2] int` so a given
-(config.seed, example index) always gives the same augmented example, in any tf.data
-parallelism. Boxes are normalised corners (xmin, ymin, xmax, ymax) in [0, 1]; images float32
-RGB in [0, 255].
-
-The recipe is RFBNet's `preproc` (the data code LRF trains with): IoU-constrained crop →
-photometric distortion → expand → mirror → resize with a random interpolation → drop boxes
-with w or h < 0.01 → if none survive, the un-augmented (plainly resized) example.
-
-choice: expand and resize are fused: the expanded canvas (up to 4× the image side, filled with
-the pixel mean) is never materialised. Resizing an R×-expanded canvas to S×S puts the image into
-an `round(S/R)`-pixel square at an integer offset, so the cropped image is resized straight to
-that square and padded with the mean. The boxes are computed from the same integer placement, so
-they stay exact; only the blend of image and fill along the square's border differs from the
-reference (by less than one output pixel).
-choice: the photometric distortion is applied after that resize (on ≤ S×S pixels instead of the
-full-resolution crop). Its operations are per-pixel, so this only changes interpolation
-round-off; it runs before the mean padding, so the expand fill stays exactly the pixel mean.
-choice: RFBNet redraws the IoU mode until a crop succeeds (unbounded); here at most 8 rounds of
-50 tries are drawn at once (a round with mode "none" ends with no crop); after 8 failed rounds
-the image is not cropped.
-choice: SSD's contrast is `x · α` (not around the mean); brightness `x + δ`; saturation and hue
-act in HSV; hue ±18° is ±0.05 of the hue circle. Values are clipped to [0, 255] after each step.
+Stateless draws from a seed [2]: (config.seed, example index) gives the same example in any
+tf.data parallelism. Boxes normalised corners; images float32 RGB 0..255. RFBNet's `preproc`:
+IoU crop → photometric → expand → mirror → resize → drop boxes < 0.01 → else the plain example.
+choices (fused expand + resize, bounded crop rounds): docs/design.md, Augmentation.
 """
 
 from __future__ import annotations
@@ -65,19 +46,11 @@ def box_iou_1toN(window: tf.Tensor, boxes: tf.Tensor) -> tf.Tensor:
 def sample_crop(
     seed: tf.Tensor, boxes: tf.Tensor, height: tf.Tensor, width: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """RFBNet's IoU-constrained random crop, vectorised over modes and tries.
+    """RFBNet's IoU-constrained crop: boxes [N, 4] → (window [4] int32 pixels, keep [N], mode).
 
-    Args: boxes [N, 4] normalised corners; height, width: the image size in pixels.
-    Returns: `window` [4] int32 pixel (left, top, right, bottom) (the whole image when not
-    cropping), `keep` [N] bool (boxes whose centre is strictly inside the window), and `mode`
-    (int32, 0 = no crop, 1..6 = min IoU 0.1, 0.3, 0.5, 0.7, 0.9, any).
-
-    Each round draws a mode uniformly from the seven; mode 0 ends with no crop; otherwise 50
-    tries: scale s ~ U(0.3, 1), ratio² ~ U(max(0.5, s²), min(2, 1/s²)), w = s·r·W, h = s/r·H,
-    left ~ U[0, W − w), top ~ U[0, H − h), accepted when min IoU(window, boxes) ≥ the mode's
-    min IoU and at least one box centre is inside; the first accepted try wins. A round
-    without success starts a new round (as RFBNet's `while True`), at most `CROP_ROUNDS` rounds
-    (choice: after that, no crop).
+    mode 0 = no crop, 1..6 = min IoU 0.1, 0.3, 0.5, 0.7, 0.9, any; 50 tries per round:
+    s ~ U(0.3, 1), r² ~ U(max(0.5, s²), min(2, 1/s²)), w = s·r·W, h = s/r·H; accepted when
+    min IoU ≥ the mode's and a box centre is inside. At most `CROP_ROUNDS` rounds.
     """
     m, k = CROP_ROUNDS, CROP_TRIES
     s_mode, s_scale, s_ratio, s_left, s_top = split_seed(seed, 5)
@@ -119,8 +92,7 @@ def sample_crop(
 def apply_crop(
     image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, window: tf.Tensor, keep: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Crop image [H, W, 3] to the pixel `window` [4]; keep boxes [N, 4] where `keep`, clipped to
-    the window and renormalised to it. Returns (image [h, w, 3], boxes [M, 4], labels [M])."""
+    """Crop [H, W, 3] to `window`; kept boxes clipped and renormalised → ([h, w, 3], [M, 4], [M])."""
     hw = tf.shape(image)[:2]
     hf, wf = tf.cast(hw[0], tf.float32), tf.cast(hw[1], tf.float32)
     left, t, r, b = (window[i] for i in range(4))
@@ -137,9 +109,8 @@ def apply_crop(
 
 
 def photometric_params(seed: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Sample SSD's photometric distortion: each of brightness (δ ∈ ±32), contrast (α ∈ 0.5–1.5),
-    saturation (0.5–1.5) and hue (±18°) applied with p = 0.5; contrast before or after the HSV
-    steps with p = 0.5. Unapplied steps get their identity value (0, 1, 1, 0)."""
+    """SSD's photometric draws, each with p = 0.5 (else identity): brightness ±32, contrast and
+    saturation 0.5–1.5, hue ±18°; contrast before or after the HSV steps."""
     s = split_seed(seed, 9)
     apply = [_uniform(s[i]) < 0.5 for i in range(4)]
     return dict(
@@ -174,9 +145,8 @@ def apply_photometric(image: tf.Tensor, params: dict[str, tf.Tensor]) -> tf.Tens
 def expand_params(
     seed: tf.Tensor, size: int, prob: float, max_ratio: float
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Expand (zoom out) placement in the S×S output: the image occupies an `inner`-pixel square
-    (inner = round(S / R), R ~ U(1, max_ratio) with probability `prob`, else R = 1) at integer
-    offsets (left, top) ~ U{0 … S − inner}. Returns (inner, left, top) int32 scalars."""
+    """Expand placement (inner, left, top): inner = round(S / R), R ~ U(1, max_ratio) with p =
+    `prob` (else 1), offsets ~ U{0 … S − inner}."""
     s_apply, s_ratio, s_left, s_top = split_seed(seed, 4)
     apply = _uniform(s_apply) < prob
     ratio = tf.where(apply, _uniform(s_ratio, (), 1.0, max_ratio), 1.0)
@@ -198,8 +168,7 @@ def resize(image: tf.Tensor, height: tf.Tensor, width: tf.Tensor, method: tf.Ten
 
 
 def place(image: tf.Tensor, boxes: tf.Tensor, size: int, left, top, fill: tf.Tensor):
-    """Pad the inner square image [n, n, 3] into an S×S canvas filled with `fill` [3] at
-    (left, top); boxes [M, 4] relative to the inner square → relative to the canvas."""
+    """Pad [n, n, 3] into an S×S `fill` canvas at (left, top); boxes [M, 4] follow."""
     n = tf.shape(image)[0]
     pad = [[top, size - n - top], [left, size - n - left], [0, 0]]
     canvas = tf.pad(image - fill, pad) + fill
@@ -239,13 +208,8 @@ def augment(
     expand_prob: float,
     max_expand_ratio: float,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-    """The full training recipe for one example.
-
-    Args: image [H, W, 3] float32 0..255; boxes [N, 4] normalised corners (valid, non-crowd);
-    labels [N] int32; seed [2].
-    Returns: image [S, S, 3] float32, boxes [M, 4], labels [M], fell_back (bool scalar: no box
-    survived, so the un-augmented example was returned).
-    """
+    """image [H, W, 3], boxes [N, 4], labels [N], seed [2] → (image [S, S, 3], boxes [M, 4],
+    labels [M], fell_back: no box survived, the un-augmented example was returned)."""
     s_crop, s_photo, s_expand, s_interp, s_flip = split_seed(seed, 5)
     hw = tf.shape(image)[:2]
     window, keep, _ = sample_crop(s_crop, boxes, hw[0], hw[1])

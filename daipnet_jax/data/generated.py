@@ -1,19 +1,8 @@
 """A procedurally generated detection dataset written as a COCO-format folder.
 
-The quick start and the tests train on it: no download, deterministic by seed, small enough to
-be learnt by a width-0.25 DAIPNet300 on CPU in minutes. Each class is one filled *shape*
-(rectangle, ellipse, triangle, diamond, cross, hexagon, …); colours are random, so the shape is
-the only class cue. Objects span 10 %–50 % of the image side with aspect ratios 0.5–2, may
-overlap (pairwise IoU ≤ 0.4, so every object stays visible), and sit on textured noisy
-backgrounds (gradient + blobs + lines + pixel noise).
-
-Layout written by `write_dataset(out_dir, ...)`:
-
-    out_dir/images/train/000000.jpg ...     out_dir/instances_train.json
-    out_dir/images/val/000000.jpg ...       out_dir/instances_val.json
-    out_dir/meta.json                       (the parameters; a rerun with the same ones is a no-op)
-
-CLI: `python -m daipnet_jax.data.generated --out DIR [--num_train N ...]`.
+One filled shape per class in random colours on textured noise, deterministic by seed (the quick
+start and the tests; docs/design.md, Generated dataset). `python -m daipnet_jax.data.generated
+--out DIR` writes `images/{train,val}/*.jpg`, `instances_{train,val}.json`, `meta.json`.
 """
 
 from __future__ import annotations
@@ -80,7 +69,6 @@ def _polygon(shape: str, x0: float, y0: float, x1: float, y1: float) -> list[tup
 
 
 def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, np.ndarray]:
-    """Textured, noisy background [size, size, 3] and its mean colour."""
     base = rng.uniform(40, 215, size=3)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     direction = rng.uniform(-1, 1, size=2)
@@ -199,12 +187,7 @@ def write_dataset(
     image_size: int = 300,
     seed: int = 0,
 ) -> str:
-    """Write the generated dataset as a COCO-format folder (layout in the module docstring).
-
-    Idempotent: when `out_dir/meta.json` records the same parameters, nothing is written. The
-    folder is built under a temporary name and renamed, so an interrupted run leaves no half
-    dataset behind. Returns `out_dir`.
-    """
+    """Write the COCO-format folder (no-op when `meta.json` matches; built aside, then renamed)."""
     if not 1 <= num_classes <= len(SHAPES):
         raise ValueError(f"num_classes must be in 1..{len(SHAPES)}, got {num_classes}")
     meta: dict[str, Any] = dict(

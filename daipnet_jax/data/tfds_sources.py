@@ -1,17 +1,8 @@
 """tfds sources: `coco/2017`, `coco/2014`, `voc/2007`, `voc/2012` and unions such as
 `voc/2007+voc/2012`.
 
-Examples are read with the image left encoded (`tfds.decode.SkipDecoding`) and decoded by the
-shared pipeline, so every source goes through the same decode / augment code. Labels become
-contiguous 1..K: COCO's `objects/label` is a 0..79 index into the 80 categories sorted by id
-(`COCO_CATEGORY_IDS` maps back), VOC's a 0..19 index into the 20 classes.
-
-choice: VOC `difficult` objects are left out of the training targets (ssd.pytorch's
-keep_difficult=False) and marked `iscrowd=1, difficult=1` in the evaluation ground truth, so
-pycocotools ignores them and a VOC07 evaluator can read `difficult`.
-choice: VOC has no numeric image id; the id is the digits of the file name
-(`000005.jpg` → 5, `2008_000005.jpg` → 2008000005).
-choice: split alias `trainval` = `train+validation`; a split union is sharded part by part.
+Images stay encoded (`SkipDecoding`) for the shared pipeline; labels become 1..K.
+choices (VOC difficult, image ids, `trainval`): docs/design.md, tfds sources.
 """
 
 from __future__ import annotations
@@ -123,9 +114,8 @@ def records(
     shuffle_seed: int | None,
     first_only: bool = False,
 ) -> tf.data.Dataset:
-    """This process's shard of the split as record dicts (`encoded` image bytes, `boxes` [N, 4]
-    normalised corners, `labels` [N] 1..K, `crowd` [N], `image_id`, `area` [N]). Shards are
-    `tfds.even_splits(part, process_count)[process_index]` of every split part and builder."""
+    """This process's `tfds.even_splits` shard of every split part: record dicts (`encoded`,
+    `boxes` [N, 4], `labels` [N] 1..K, `crowd` [N], `image_id`, `area` [N])."""
     datasets = []
     bs = _builders(tfds_name, data_dir)
     for b in bs[:1] if first_only else bs:
@@ -154,8 +144,7 @@ def _image_shape(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def ground_truth(tfds_name: str, split: str, data_dir: str) -> dict[str, Any]:
-    """COCO-format GT dict of the evaluation split (first builder of a union), built from the
-    examples: absolute [x, y, w, h] boxes, crowd (COCO) / difficult (VOC) kept as iscrowd=1."""
+    """COCO-format ground truth of the eval split (first builder of a union); difficult → iscrowd."""
     voc = is_voc(tfds_name)
     cat_ids, cat_names = label_map(tfds_name)
     ds = records(

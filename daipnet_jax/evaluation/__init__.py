@@ -1,15 +1,5 @@
-"""Evaluation: COCO (pycocotools) and VOC evaluators and the batched evaluation loop.
-
-- `CocoEvaluator`: detections → COCO results JSON (absolute [x, y, w, h], real category ids) →
-  the 12 standard COCOeval numbers + a per-class AP table; test-dev mode writes only the
-  server-format results file.
-- `VocEvaluator`: VOC07 11-point and area-based mAP, difficult objects ignored.
-- `evaluate(config, variables, batches, evaluator, ...)`: the jitted, data-parallel loop;
-  `run_evaluation(config, variables, workdir=..., step=...)` on the data package's eval split;
-  `evaluate_during_training(config, variables, step)`: the `eval_fn` `train.py` hands to the
-  train loop.
-- `make_evaluator(config, ground_truth)`: COCO or VOC by the config's dataset.
-"""
+"""Evaluation: COCO and VOC evaluators, the jitted loop (`evaluate`, `run_evaluation`) and
+`evaluate_during_training`, the `eval_fn` train.py hands to the train loop."""
 
 from __future__ import annotations
 
@@ -38,10 +28,7 @@ from daipnet_jax.evaluation.voc import VocEvaluator, voc_ap
 
 
 def metric_kind(config: ml_collections.ConfigDict) -> str:
-    """`voc` (VOC07 mAP) for VOC data, `coco` (pycocotools) otherwise.
-
-    choice: decided by `config.eval_metric` when the key exists, else by the data source name.
-    """
+    """`config.eval_metric` if set, else `voc` for VOC data and `coco` otherwise."""
     kind = config.get("eval_metric", "") or ""
     if kind:
         return str(kind)
@@ -57,10 +44,7 @@ def make_evaluator(
     *,
     class_names: Sequence[str] | None = None,
 ) -> CocoEvaluator | VocEvaluator:
-    """The evaluator for `config`'s dataset over a COCO-format ground-truth dict.
-
-    `ground_truth=None` or without annotations: COCO test-dev mode (results file only).
-    """
+    """The evaluator for `config` (no annotations: COCO test-dev mode)."""
     if metric_kind(config) == "voc":
         if ground_truth is None:
             raise ValueError("VOC evaluation needs ground truth")

@@ -1,16 +1,9 @@
 """Evaluation charts beside `eval/metrics.json`: per-class AP bars and precision-recall curves.
 
-`write_charts(data, eval_dir, writer, step)` takes an evaluator's `chart_data()`:
-{metric, per_class_ap: {name: AP or None}, pr_title, pr_curves: {name: (recall, precision)}}
-and writes
-- `eval/per_class_ap.png`: one horizontal bar per class (label order, top to bottom), its value
-  at the bar's end, `n/a` where the class has no ground truth;
-- `eval/pr_curves.png`: one panel per class with its precision-recall curve;
-- the per-class AP as TensorBoard scalars `eval/per_class/<name>` (when a writer is given).
-
-choice: matplotlib's object API on the Agg canvas (no pyplot state, no display needed): axes,
-ticks and 80 legible class labels come for free, where PIL would need a hand-made layout.
+`write_charts` takes an evaluator's `chart_data()` ({metric, per_class_ap, pr_title, pr_curves})
+and writes `per_class_ap.png`, `pr_curves.png` and TensorBoard scalars `eval/per_class/<name>`.
 """
+# choice: matplotlib's object API on Agg: no pyplot state or display; 80 legible labels for free.
 
 from __future__ import annotations
 
@@ -40,7 +33,6 @@ def _figure(width: float, height: float, dpi: int = 100) -> Any:
 def draw_per_class_ap(
     per_class_ap: Mapping[str, float | None], path: str, *, metric: str = "AP"
 ) -> Any:
-    """Writes the bar chart to `path`; returns the matplotlib Figure."""
     names = list(per_class_ap)
     values = [per_class_ap[n] for n in names]
     defined = [v for v in values if v is not None]
@@ -71,8 +63,7 @@ def draw_pr_curves(
     class_names: Sequence[str] | None = None,
     title: str = "precision-recall",
 ) -> Any:
-    """Writes one panel per class (`class_names`, default the curves' keys) to `path`; a class
-    without a curve gets an empty panel saying so. Returns the matplotlib Figure."""
+    """One panel per class (empty, saying so, without a curve) to `path`; returns the Figure."""
     names = list(class_names) if class_names is not None else list(curves)
     k = max(len(names), 1)
     cols = min(k, 5)
@@ -108,8 +99,7 @@ def tag_name(name: str) -> str:
 def write_charts(
     data: Mapping[str, Any], eval_dir: str, writer: Any = None, step: int = 0
 ) -> list[str]:
-    """The two PNGs in `eval_dir` and the per-class scalars; returns the written paths (none
-    when there are no classes, e.g. COCO test-dev)."""
+    """The two PNGs in `eval_dir` and the scalars; the written paths (none without classes)."""
     per_class = dict(data.get("per_class_ap", {}))
     if not per_class:
         return []

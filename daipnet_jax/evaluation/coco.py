@@ -1,15 +1,10 @@
 """COCO evaluation: detections → COCO results JSON → pycocotools `COCOeval`.
 
-Detections arrive from `postprocess.detect` as normalised corners (xmin, ymin, xmax, ymax) of the
-S×S network input, with contiguous labels 1..K. Because evaluation images are resized to S×S
-without keeping the aspect ratio, normalised coordinates are also normalised
-coordinates of the ORIGINAL image, so the mapping back is a per-axis scale by the original
-(w, h). The COCO results format is absolute pixel [x, y, w, h] with the real category id.
-
-choice: boxes are clipped to [0, 1] before scaling (decoded boxes may overshoot the image);
-bbox values are rounded to 2 decimals and scores to 6 in the results, both in the JSON and in
-what is evaluated (so the written file re-evaluates to the same numbers).
+Normalised corners map to the original image by a per-axis scale (images are resized to S×S
+without keeping the aspect ratio) → absolute [x, y, w, h] with the real category id.
 """
+# choice: clip to [0, 1]; round bbox to 2 and scores to 6 decimals in what is evaluated too
+# (docs/design.md, Evaluation).
 
 from __future__ import annotations
 
@@ -40,11 +35,7 @@ COCO_METRIC_NAMES: tuple[str, ...] = (
 
 
 def label_to_category_table(categories: Sequence[Mapping[str, Any]] | Sequence[int]) -> np.ndarray:
-    """Table t with t[k] = COCO category id of contiguous label k (t[0] = 0 = background).
-
-    `categories` is either the COCO `categories` list (dicts with `id`) or a list of ids; the
-    contiguous labels 1..K follow the ascending order of the ids.
-    """
+    """t[k] = COCO category id of label k (t[0] = 0); labels 1..K follow the ascending ids."""
     ids = [int(c["id"]) if isinstance(c, Mapping) else int(c) for c in categories]
     return np.asarray([0, *sorted(ids)], np.int64)
 
@@ -57,19 +48,8 @@ def detections_to_coco(
     orig_size: Sequence[int],
     label_to_category: np.ndarray,
 ) -> list[dict[str, Any]]:
-    """One image's detections as COCO result entries.
-
-    Args:
-      boxes: [N, 4] normalised corners (xmin, ymin, xmax, ymax).
-      scores: [N].
-      labels: [N] int in 1..K.
-      image_id: COCO image id.
-      orig_size: (h, w) of the original image in pixels.
-      label_to_category: [K + 1] table, `label_to_category[k]` = category id of label k.
-
-    Returns:
-      list of {image_id, category_id, bbox: [x, y, w, h] absolute pixels, score}.
-    """
+    """One image's boxes [N, 4] (normalised corners), scores [N], labels [N] in 1..K →
+    [{image_id, category_id, bbox [x, y, w, h] pixels, score}]; `orig_size` is (h, w)."""
     boxes = np.clip(np.asarray(boxes, np.float64).reshape(-1, 4), 0.0, 1.0)
     scores = np.asarray(scores, np.float64).reshape(-1)
     labels = np.asarray(labels, np.int64).reshape(-1)
@@ -124,17 +104,7 @@ def _coco_from_dict(gt: Mapping[str, Any]) -> Any:
 
 
 class CocoEvaluator:
-    """Accumulates detections over batches, then scores them with pycocotools.
-
-    Usage:
-        ev = CocoEvaluator(gt_dict, label_to_category)       # gt_dict=None: test-dev mode
-        ev.add_batch(boxes, scores, classes, valid, image_ids, orig_sizes, example_valid)
-        metrics = ev.evaluate()   # {} in test-dev mode
-        ev.write_results(path)
-
-    In test-dev mode (no annotations) `evaluate` returns no metrics and only the results file
-    matters: `detections_test-dev2017_<name>_results.json`, the COCO server's format.
-    """
+    """Accumulates detections, scores them with pycocotools; `gt_dict=None`: test-dev mode."""
 
     def __init__(
         self,
@@ -195,12 +165,7 @@ class CocoEvaluator:
         orig_sizes: np.ndarray,
         example_valid: np.ndarray | None = None,
     ) -> None:
-        """Adds the output of `postprocess.detect` for one batch.
-
-        Args:
-          boxes [B,D,4], scores [B,D], classes [B,D], valid [B,D]: fixed-size detections.
-          image_ids [B], orig_sizes [B,2] (h, w); example_valid [B] False on padding examples.
-        """
+        """`postprocess.detect`'s [B, D, …] outputs; orig_sizes [B, 2] (h, w); example_valid [B]."""
         boxes, scores, classes, valid = (np.asarray(a) for a in (boxes, scores, classes, valid))
         for b in range(boxes.shape[0]):
             if example_valid is not None and not bool(example_valid[b]):
@@ -220,12 +185,8 @@ class CocoEvaluator:
         return path
 
     def evaluate(self) -> dict[str, Any]:
-        """Runs COCOeval (bbox). Returns the 12 standard numbers plus `per_class` AP / AP50.
-
-        Values are pycocotools' own: -1 where a number is undefined (e.g. no small objects).
-        With no detections at all every number is 0 (pycocotools itself cannot load an empty
-        result list). In test-dev mode returns {}.
-        """
+        """COCOeval (bbox): the 12 standard numbers (-1 undefined) plus `per_class` AP / AP50."""
+        # No detections at all: every number 0 (pycocotools cannot load an empty result list).
         if self.test_dev:
             return {}
         assert self.ground_truth is not None
@@ -255,9 +216,7 @@ class CocoEvaluator:
         return metrics
 
     def chart_data(self) -> dict[str, Any]:
-        """What `evaluation.charts` draws, after `evaluate`: per-class AP (IoU .50:.95; None
-        where pycocotools has no ground truth for the class) and the precision-recall curves
-        at IoU 0.5 (`pr_curves`)."""
+        """After `evaluate`: per-class AP (None without ground truth) and PR curves at IoU 0.5."""
         return {
             "metric": "AP (IoU .50:.95)",
             "per_class_ap": {
@@ -271,11 +230,8 @@ class CocoEvaluator:
 def per_class_ap(
     ev: Any, label_to_category: np.ndarray, class_names: Sequence[str]
 ) -> dict[str, dict[str, float]]:
-    """Per-class AP (IoU .50:.95) and AP50 from `ev.eval['precision']` [T, R, K, A, M].
-
-    Area 'all' (index 0), maxDets 100 (last index), as `summarize` does for AP. -1 (no ground
-    truth for the class) is kept as pycocotools reports it.
-    """
+    """Per-class AP (.50:.95) and AP50 from `ev.eval['precision']` [T, R, K, A, M] (area all,
+    maxDets 100, as `summarize`; -1 kept)."""
     precision = ev.eval["precision"]
     cat_ids = list(ev.params.catIds)
     iou50 = int(np.argmin(np.abs(np.asarray(ev.params.iouThrs) - 0.5)))
@@ -296,10 +252,8 @@ def per_class_ap(
 def pr_curves(
     ev: Any, label_to_category: np.ndarray, class_names: Sequence[str], iou: float = 0.5
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per class: (recall [R], precision [R]) at IoU `iou`, area 'all', maxDets 100, from
-    `ev.eval['precision']` [T, R, K, A, M] at the recall thresholds `ev.params.recThrs`
-    (precision 0 past the highest recall reached). Classes without ground truth (-1) are left
-    out."""
+    """Per class with ground truth: (recall [R], precision [R]) at IoU `iou` from
+    `ev.eval['precision']` [T, R, K, A, M] (area all, maxDets 100)."""
     precision = ev.eval["precision"]
     cat_ids = list(ev.params.catIds)
     t = int(np.argmin(np.abs(np.asarray(ev.params.iouThrs) - iou)))
@@ -322,7 +276,6 @@ def results_file_name(split: str | None, name: str = "daipnet") -> str:
 
 
 def format_table(per_class: Mapping[str, Mapping[str, float]]) -> str:
-    """A plain-text per-class table (one row per class, the columns of its dicts)."""
     if not per_class:
         return ""
     cols = list(next(iter(per_class.values())).keys())

@@ -12,14 +12,8 @@ Follows the VOC devkit's `VOCevaldet` logic:
 - VOC07: AP = mean over t ∈ {0, 0.1, …, 1} of max(precision[recall ≥ t]) (0 if none);
 - area (VOC2010+): area under the monotone (right-to-left running max) precision envelope.
 
-choice: continuous coordinates, no "+1 pixel" convention (the devkit's integer-pixel boxes use
-w = x2 − x1 + 1). Without the +1, IoU is invariant to a per-axis scaling, so it is the same in
-normalised and in pixel coordinates and boxes can stay normalised here. Consequence: results
-can differ slightly from the devkit for small boxes; they are consistent with the rest of this
-code base (NMS, matching, COCO).
-choice: equal scores keep their insertion order (stable sort); the devkit's order is unspecified.
-choice: a class without non-difficult ground truth has AP = NaN (`None` in JSON) and is left out
-of the mean.
+choice: no "+1 pixel", so boxes stay normalised; stable sort; a class without non-difficult truth
+has AP NaN, left out of the mean (docs/design.md, Evaluation).
 """
 
 from __future__ import annotations
@@ -34,10 +28,7 @@ from daipnet_jax import boxes as boxes_lib
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> float:
-    """AP from the recall/precision curves ([N] each, in detection order).
-
-    VOC07: 11-point interpolated; otherwise the area under the interpolated curve (VOC2010+).
-    """
+    """AP of recall, precision [N] (detection order): VOC07 11-point, else area (VOC2010+)."""
     recall = np.asarray(recall, np.float64)
     precision = np.asarray(precision, np.float64)
     if use_07_metric:
@@ -54,11 +45,7 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> fl
 
 
 class VocEvaluator:
-    """Accumulates ground truth and detections, then computes VOC07 / area mAP per class.
-
-    Boxes are corners (xmin, ymin, xmax, ymax), ground truth and detections in the same frame
-    (normalised, or pixels of the same image: IoU is the same, see the module docstring).
-    """
+    """Accumulates ground truth and detections (corners, one frame), then VOC07 / area mAP."""
 
     def __init__(self, class_names: Sequence[str], *, iou_threshold: float = 0.5) -> None:
         self.class_names = list(class_names)
@@ -77,12 +64,7 @@ class VocEvaluator:
         *,
         iou_threshold: float = 0.5,
     ) -> VocEvaluator:
-        """Builds the evaluator from a COCO-format ground-truth dict.
-
-        Boxes are COCO [x, y, w, h] pixels; an annotation is difficult when it has
-        `difficult: 1` (or, failing that, `iscrowd: 1`). Boxes are normalised by the image's
-        `width`/`height` to match the detections.
-        """
+        """From COCO-format ground truth, normalised; difficult = `difficult` (else `iscrowd`)."""
         from daipnet_jax.evaluation.coco import label_to_category_table
 
         if label_to_category is None:
@@ -157,11 +139,7 @@ class VocEvaluator:
         orig_sizes: np.ndarray | None = None,
         example_valid: np.ndarray | None = None,
     ) -> None:
-        """Adds `postprocess.detect` output ([B,D,4], [B,D], [B,D], [B,D]) for one batch.
-
-        `orig_sizes` is accepted for interface parity with `CocoEvaluator` and unused (boxes
-        stay normalised).
-        """
+        """`postprocess.detect` output for one batch (`orig_sizes` unused: as `CocoEvaluator`)."""
         del orig_sizes
         boxes, scores, classes, valid = (np.asarray(a) for a in (boxes, scores, classes, valid))
         for b in range(boxes.shape[0]):
@@ -171,8 +149,7 @@ class VocEvaluator:
             self.add_image(int(image_ids[b]), boxes[b][keep], scores[b][keep], classes[b][keep])
 
     def pr_curve(self, label: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """(recall [N], precision [N]) of class `label` over its N detections by descending
-        score (None without non-difficult ground truth)."""
+        """(recall [N], precision [N]) of class `label` by descending score, or None."""
         gt = self._gt.get(label, {})
         npos = int(sum(int(np.sum(~d)) for _, d in gt.values()))
         dets = self._dets.get(label, [])
@@ -216,9 +193,7 @@ class VocEvaluator:
         return voc_ap(recall, precision, True), voc_ap(recall, precision, False)
 
     def chart_data(self) -> dict[str, Any]:
-        """What `evaluation.charts` draws: per-class VOC07 AP (None without non-difficult
-        ground truth) and each class's precision-recall curve at the IoU threshold (one point
-        per detection, by descending score)."""
+        """For `evaluation.charts`: per-class VOC07 AP (or None) and PR curves."""
         per_class: dict[str, float | None] = {}
         curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for k, name in enumerate(self.class_names, start=1):

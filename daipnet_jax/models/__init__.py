@@ -1,8 +1,6 @@
-"""The detector: `build(config)` returns one `flax.linen.Module` for every model of the paper.
+"""`build(config)`: images [B, S, S, 3] RGB 0..255 → (loc [B, P, 4], logits [B, P, C]) f32.
 
-`module.apply(variables, images [B, S, S, 3] float32 RGB 0..255, train=False)` →
-`(loc [B, P, 4] f32, logits [B, P, num_classes] f32)`; variables `{'params', 'batch_stats'}`;
-`train=True` needs `mutable=['batch_stats']` (CONTRIBUTING.md).
+`train=True` needs `mutable=['batch_stats']` (CONTRIBUTING.md, Public API contracts).
 """
 
 from __future__ import annotations

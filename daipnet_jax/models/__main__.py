@@ -3,11 +3,8 @@
     python -m daipnet_jax.models --config configs/coco.py:daipnet300 [--batch 1] [--noflops] \
         [--config.key=value ...]
 
-Prints the parameters per top-level component and in total, the BatchNorm statistics count, the
-output shapes, the number of priors and the forward GFLOPs of one batch from XLA's cost analysis
-(`jax.jit(apply).lower(...).compile().cost_analysis()`). Parameters are counted with
-`jax.eval_shape` (nothing is initialised); `--noflops` skips the compilation. The config and its
-`--config.key=value` overrides are read as by `train.py` (ml_collections config flags).
+Parameters per component (`jax.eval_shape`, nothing initialised), output shapes, priors and
+XLA's forward GFLOPs (`--noflops` skips the compilation).
 """
 
 from __future__ import annotations
@@ -39,7 +36,6 @@ def forward_flops(model: Any, variables: Any, images: Any) -> float:
 
 
 def summary(config: Any, batch: int = 1, flops: bool = True) -> None:
-    """Prints the summary of `config`'s model (see the module docstring)."""
     spec = model_spec(config)
     model = build(config)
     size = spec.image_size

@@ -1,10 +1,5 @@
-"""The one detector module that wires the families and switches.
-
-`Detector(spec)` builds, from one code path:
-- family `ssd`: vanilla SSD300/512 in ssd.pytorch's layout (L2Norm(20) on ReLU(conv4_3), plain
-  extras, heads on conv4_3, conv7 and every second extra);
-- family `lrf`: the LRF skeleton with the switches `aux ∈ {lsn, ipn}`, `fusion ∈ {lrf, affm}`,
-  `topdown ∈ {lrf, pafm}`; `lsn/lrf/lrf` is exact LRF, `ipn/affm/pafm` is DAIPNet.
+"""The detector: family `ssd` (ssd.pytorch SSD300/512) or `lrf` with switches `aux ∈ {lsn, ipn}`,
+`fusion ∈ {lrf, affm}`, `topdown ∈ {lrf, pafm}` (`lsn/lrf/lrf` = LRF, `ipn/affm/pafm` = DAIPNet).
 
 Forward (LRF skeleton, S = 300; 512 in brackets):
   x = (images − pixel_mean) / pixel_std                            [B, S, S, 3]
@@ -15,43 +10,11 @@ Forward (LRF skeleton, S = 300; 512 in brackets):
   [P1..P_{n−1}] = topdown([O1..On])                                                  (§3.4)
   loc [B,P,4], logits [B,P,C] = heads([P1..P_{n−1}, On, head-only extras])            (§3.5)
 
-Top-level components (the summary and the parameter tests group by these): `backbone`,
-`l2norm` (ssd only), `extras`, `aux`, `fusion`, `topdown`, `heads`.
+Top-level components: `backbone`, `l2norm` (ssd only), `extras`, `aux`, `fusion`, `topdown`,
+`heads`. `model.dtype` is the conv / BatchNorm compute dtype; params, normalisation, L2Norm,
+resize, attention pooling and outputs stay float32 (float64 for the float64 model).
 
-dtype: `config.model.dtype` is the compute dtype of every conv / BatchNorm; parameters are always
-float32, the normalisation, L2Norm, resize and attention pooling run in float32, and loc / logits
-are returned in float32 (all float64 for the float64 reference model).
-
-Official LRF-Net state dict → our variables (`vaesl/LRF-Net` `models/LRF_COCO_{300,512}.py`;
-keys may carry a `module.` prefix; conv `weight` OIHW → `kernel` HWIO; BatchNorm `weight` →
-`scale`, `bias` → `bias` in `params`, `running_mean` → `mean`, `running_var` → `var` in
-`batch_stats`, `num_batches_tracked` dropped; BGR → RGB swap of the input channels of every conv
-that reads the image: `backbone/conv1_1`, `aux/icn1/part_a_0`):
-
-| official key prefix | ours (`params` / `batch_stats` path) |
-|---|---|
-| `base.{0,2,5,7,10,12,14,17,19,21,24,26,28,31,33}.{weight,bias}` | `backbone/conv{1_1,1_2,2_1,2_2,3_1,3_2,3_3,4_1,4_2,4_3,5_1,5_2,5_3,6,7}/{kernel,bias}` (`vgg.VGG_TORCH_INDEX`) |
-| `ibn{1,2}.bn.*` | `fusion/ibn{1,2}/*` |
-| `Norm{i}.single_branch.0.{conv,bn}.*` (i = 1..n) | `fusion/Norm{i}/{conv,bn}/*` |
-| `dsc{i}.single_branch.0.{conv,bn}.*` (i = 1..n−1) | `fusion/dsc{i}/{conv,bn}/*` |
-| `icn1.part_a.{0,1,2}.{conv,bn}.*`, `icn1.part_b.{conv,bn}.*` | `aux/icn1/part_a_{0,1,2}/…`, `aux/icn1/part_b/…` |
-| `icn{k}.part_a.{conv,bn}.*`, `icn{k}.part_b.{conv,bn}.*` (k ≥ 2) | `aux/icn{k}/part_a/…`, `aux/icn{k}/part_b/…` |
-| `extras.{0,2}.single_branch.{0,1}.{conv,bn}.*` (512: also 4, 6) | `extras/otc{N}/single_branch_{0,1}/{conv,bn}/*` |
-| `extras.{4,5,6,7}.{conv,bn}.*` (512: `extras.{8,9}`) | `extras/cb{N}/{conv,bn}/*` |
-| `proj{j}.{conv,bn}.*`, `agent{i}.…`, `convert{i}.…`, `merge{i}.…` | `topdown/proj{j}/…`, `topdown/agent{i}/…`, `topdown/convert{i}/…`, `topdown/merge{i}/…` |
-| `loc.{s}.{weight,bias}`, `conf.{s}.{weight,bias}` | `heads/loc{s}/{kernel,bias}`, `heads/conf{s}/{kernel,bias}` |
-
-(`official_lrf_modules(size)` gives the same correspondence per official top-level module.)
-The released weights use PyTorch 0.3.1's bilinear upsampling: set `model.align_corners=True`.
-
-ssd.pytorch SSD300 (`amdegroot/ssd.pytorch` `ssd.py`) → ours (BGR → RGB swap on conv1_1):
-
-| ssd.pytorch key prefix | ours |
-|---|---|
-| `vgg.{0,2,…,31,33}.{weight,bias}` | `backbone/conv*/{kernel,bias}` (same index table) |
-| `L2Norm.weight` | `l2norm/scale` |
-| `extras.{N}.{weight,bias}` (N = 0..7) | `extras/conv{N}/{kernel,bias}` |
-| `loc.{s}.*`, `conf.{s}.*` | `heads/loc{s}/*`, `heads/conf{s}/*` |
+Key maps from the official LRF-Net and ssd.pytorch state dicts: docs/design.md, Converted weights.
 """
 
 from __future__ import annotations

@@ -27,10 +27,7 @@ from daipnet_jax.models.layers import Array, ConvBN, Dtype, channels, conv
 
 
 class OneThreeConv(nn.Module):
-    """OTC(a→b): CB(a→a/4, 1×1) → CB−(a/4→b, 3×3, stride 2, pad 1). [B,H,W,a] → [B,H/2,W/2,b].
-
-    Names `single_branch_0`, `single_branch_1` (official `single_branch.0/1`).
-    """
+    """OTC(a→b): CB(a→a/4, 1×1) → CB−(a/4→b, 3×3, stride 2, pad 1). [B,H,W,a] → [B,H/2,W/2,b]."""
 
     features: int
     dtype: Dtype = jnp.float32

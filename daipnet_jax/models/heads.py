@@ -1,10 +1,6 @@
-"""Multibox heads: per source a 3×3 pad-1 conv (with bias) for loc (k·4 channels)
-and one for conf (k·num_classes), k = anchors per location from the prior table
-(`config.anchors_per_location`). Names `loc{s}` / `conf{s}` = official `loc.s` / `conf.s`.
+"""Multibox heads: per source 3×3 pad-1 convs for loc (k·4) and conf (k·num_classes), k anchors.
 
-Outputs are reshaped in NHWC order (row, column, anchor), which is PyTorch's
-`permute(0, 2, 3, 1).view(B, -1, 4)`, concatenated over sources, and returned in float32:
-loc [B, P, 4], logits [B, P, num_classes].
+Flattened in (row, column, anchor) order = PyTorch's `permute(0, 2, 3, 1).view(B, -1, 4)`.
 """
 
 from __future__ import annotations

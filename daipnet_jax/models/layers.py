@@ -1,20 +1,6 @@
-"""Building blocks shared by every detector component.
+"""Building blocks: ConvBN ("CB" / "CB−"), conv, BatchNorm, PyTorch-exact pooling and resize.
 
-- `ConvBN`: "CB(a→b, k×k, s, p)" (conv without bias, BatchNorm, ReLU) and, with
-  `relu=False`, "CB−". Submodule names `conv` / `bn` mirror the official LRF `ConvBlock`.
-- `conv`: a plain convolution ("Conv"), bias on by default.
-- `batch_norm`: BatchNorm with LRF's constants (eps 1e-5, running-average momentum 0.99 in
-  Flax terms, which is PyTorch momentum 0.01).
-- `max_pool`: PyTorch `MaxPool2d` semantics (symmetric −∞ padding, optional ceil mode).
-- `resize_bilinear`: exactly PyTorch `F.interpolate(mode='bilinear', align_corners=False)`
-  (or `True`), including non-integer factors such as 5 → 38.
-- `channels`: the `config.model.width` scaling of every channel count.
-
-Every convolution is given an explicit symmetric padding (never 'SAME': with stride 2 XLA's SAME
-pads asymmetrically, PyTorch does not). Layout NHWC throughout.
-
-choice: initialisation is He-normal with fan-out (`kaiming_normal_(mode='fan_out')`, an untruncated
-normal) for every conv, zero biases, BatchNorm γ = 1, β = 0 (as SSD and LRF).
+NHWC throughout; every conv has explicit symmetric padding (stride-2 'SAME' pads asymmetrically).
 """
 
 from __future__ import annotations
@@ -35,7 +21,7 @@ BN_MOMENTUM = 0.99  # Flax running-average momentum = 1 - PyTorch momentum 0.01
 BN_EPSILON = 1e-5
 
 
-#: He-normal, fan-out, untruncated, of an HWIO kernel: N(0, 2 / (kh·kw·C_out)).
+# He-normal fan-out, untruncated: N(0, 2 / (kh·kw·C_out)) (docs/design.md, Initialisation).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
@@ -45,8 +31,7 @@ def channels(n: int | float, width: float, minimum: int = 1) -> int:
 
 
 def compute_dtype(name: str) -> Dtype:
-    """`config.model.dtype` ('float32' | 'bfloat16' | 'float64') as a jnp dtype. 'float64' is for
-    reference runs under `jax_enable_x64` (see docs/design.md, data-parallel equivalence)."""
+    """`model.dtype` as a jnp dtype ('float64': x64 reference runs only)."""
     table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
     if name not in table:
         raise ValueError(f"model.dtype={name!r}: expected one of {sorted(table)}")
@@ -54,17 +39,12 @@ def compute_dtype(name: str) -> Dtype:
 
 
 def wide_dtype(dtype: Any) -> Any:
-    """The dtype of the precision-sensitive steps (normalisation, L2Norm, attention pooling,
-    outputs, losses): float32 for float32 / bfloat16 compute, float64 for a float64 model."""
+    """float32 (float64 for a float64 model): dtype of normalisation, pooling, outputs, losses."""
     return jnp.promote_types(dtype, jnp.float32)
 
 
 def normalize(images: Array, mean: Sequence[float], std: Sequence[float]) -> Array:
-    """The model's first step: `(x - pixel_mean) / pixel_std`, in float32 (float64 for float64
-    images).
-
-    images: [B, S, S, 3] RGB in [0, 255] → [B, S, S, 3] float32.
-    """
+    """(x − pixel_mean) / pixel_std: [B, S, S, 3] RGB 0..255 → [B, S, S, 3] float32."""
     x = images.astype(wide_dtype(images.dtype))
     return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
 
@@ -97,11 +77,8 @@ def conv(
 
 
 def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.BatchNorm:
-    """BatchNorm (eps 1e-5, momentum 0.99); batch statistics in train mode, running ones in eval.
-
-    Note: Flax updates the running variance with the biased batch variance (PyTorch uses the
-    unbiased one); this only affects training, not converted-weight parity in eval mode.
-    """
+    """BatchNorm, LRF's eps 1e-5 and PyTorch momentum 0.01 (Flax 0.99)."""
+    # Flax's running variance uses the biased batch variance (PyTorch: unbiased); training only.
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=BN_MOMENTUM,
@@ -113,11 +90,7 @@ def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None)
 
 
 class ConvBN(nn.Module):
-    """CB / CB−: conv (no bias) → BatchNorm → ReLU (ReLU omitted when `relu=False`).
-
-    [B, H, W, Cin] → [B, H', W', features]. Submodules `conv` (kernel) and `bn`
-    (scale, bias; batch_stats mean, var), as the official LRF `ConvBlock.{conv,bn}`.
-    """
+    """CB / CB− (`relu=False`): conv (no bias) → BN → ReLU; [B, H, W, Cin] → [B, H', W', features]."""
 
     features: int
     kernel: int
@@ -146,11 +119,8 @@ class ConvBN(nn.Module):
 def max_pool(
     x: Array, window: int, stride: int, padding: int = 0, ceil_mode: bool = False
 ) -> Array:
-    """PyTorch `MaxPool2d(window, stride, padding, ceil_mode)` on [B, H, W, C] (−∞ padding).
-
-    Ceil mode adds right/bottom padding so that the last window may hang over the edge, but (as in
-    PyTorch) never starts inside the padding: 75 → 38 with window 2, stride 2.
-    """
+    """PyTorch `MaxPool2d(window, stride, padding, ceil_mode)` on [B, H, W, C] (−∞ padding)."""
+    # ceil mode: the last window may hang over the edge but never starts in the padding (75 → 38).
     pads = []
     for n in x.shape[1:3]:
         lo = hi = padding
@@ -167,12 +137,10 @@ def max_pool(
 def linear_indices_weights(
     in_size: int, out_size: int, align_corners: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices (i0, i1) and weights (w0, w1) of 1-D linear interpolation, PyTorch style.
+    """Indices (i0, i1) and weights (w0, w1) of PyTorch's 1-D linear interpolation (float32).
 
-    align_corners=False: src = max(0, (dst + 0.5)·in/out − 0.5) (half-pixel centres, edge clamp);
-    align_corners=True: src = dst·(in − 1)/(out − 1). i0 = floor(src) (≤ in − 1),
-    i1 = min(i0 + 1, in − 1), w1 = src − i0, w0 = 1 − w1. float32 arithmetic as PyTorch's CPU
-    kernel (`area_pixel_compute_source_index`, `guard_index_and_lambda`).
+    align_corners=False: src = max(0, (dst + 0.5)·in/out − 0.5); True: src = dst·(in − 1)/(out − 1).
+    i0 = floor(src), i1 = min(i0 + 1, in − 1), w1 = src − i0, w0 = 1 − w1.
     """
     dst = np.arange(out_size, dtype=np.float32)
     f32 = np.float32
@@ -198,13 +166,8 @@ def _interp_axis(x: Array, axis: int, out_size: int, align_corners: bool) -> Arr
 
 
 def resize_bilinear(x: Array, size: tuple[int, int], align_corners: bool = False) -> Array:
-    """Bilinear resize of [B, H, W, C] to [B, size[0], size[1], C].
-
-    Equals PyTorch `F.interpolate(x, size, mode='bilinear', align_corners=...)` (and the
-    `scale_factor` form where out = in·factor exactly). Separable: two static gathers plus a
-    weighted sum per axis (exact under any matmul precision, cheap on CPU). Computed in float32,
-    returned in `x.dtype`.
-    """
+    """PyTorch `F.interpolate(mode='bilinear')`: [B, H, W, C] → [B, size[0], size[1], C]."""
+    # Separable static gathers: exact under any matmul precision; float32 inside.
     if tuple(x.shape[1:3]) == tuple(size):
         return x
     y = x.astype(jnp.float32)

@@ -9,9 +9,8 @@ CB−(a→b, 3×3, stride 2, pad 1) (`dsc{i}`), BN a standalone BatchNorm (`ibn1
 - O3 = Norm3(dsc2(O2) + E3 ⊙ A3)                      (no BN on E3)
 - 300: O4 = Norm4(dsc3(O3) + E4)
 - 512: O4 = Norm4(dsc3(O3) + E4 ⊙ A4); O5 = Norm5(dsc4(O4) + E5)
-choice (only for the non-LRF combination aux=ipn, fusion=lrf): a level multiplies its backbone
-feature by the auxiliary one whenever one exists (IPN gives four levels), as the official code does
-at 512 level 4; levels ≥ 3 never get a BN.
+choice (aux=ipn, fusion=lrf only): a level multiplies by the auxiliary feature whenever one exists
+(IPN gives four), as official 512 level 4; levels ≥ 3 never get a BN.
 
 Top-down (`LRFTopDown`), n = 4 (300) / 5 (512) fused levels:
 - T_j = CB(C_j→128, 1×1)(O_j) for j = 2..n (`proj{j−1}`);
@@ -70,10 +69,7 @@ class LRFFusion(nn.Module):
 
 
 def project_levels(outs: Sequence[Array], width: float, dtype: Dtype, train: bool) -> list[Array]:
-    """T_j = CB(C_j→128, 1×1)(O_j), j = 2..n, named `proj{j−1}`.
-
-    Call it from a compact `__call__`: the submodules bind to the calling module's scope.
-    """
+    """T_j = CB(C_j→128, 1×1)(O_j), j = 2..n, named `proj{j−1}` (call from a compact method)."""
     return [
         ConvBN(channels(TOPDOWN_CHANNELS, width), 1, dtype=dtype, name=f"proj{j}")(o, train)
         for j, o in enumerate(outs[1:], start=1)
@@ -88,8 +84,8 @@ def upsampled_context(
     return jnp.concatenate(ups, axis=-1) if len(ups) > 1 else ups[0]
 
 
-class LRFTopDown(nn.Module):
-    """[O_1..O_n] → [P_1..P_{n−1}] (P_i with the shape of O_i)."""
+class TopDown(nn.Module):
+    """[O_1..O_n] → [P_1..P_{n−1}] (P_i with the shape of O_i); `level` makes P_i from O_i, U_i."""
 
     width: float = 1.0
     align_corners: bool = False
@@ -98,13 +94,24 @@ class LRFTopDown(nn.Module):
     @nn.compact
     def __call__(self, outs: Sequence[Array], train: bool = False) -> list[Array]:
         ts = project_levels(outs, self.width, self.dtype, train)
-        preds = []
-        for i, o in enumerate(outs[:-1]):
-            c = o.shape[-1]
-            half = max(1, c // 2)
-            u = upsampled_context(ts, i, (o.shape[1], o.shape[2]), self.align_corners)
-            agent = ConvBN(half, 1, dtype=self.dtype, name=f"agent{i + 1}")(o, train)
-            convert = ConvBN(half, 1, dtype=self.dtype, name=f"convert{i + 1}")(u, train)
-            merge = ConvBN(c, 3, padding=1, dtype=self.dtype, name=f"merge{i + 1}")
-            preds.append(merge(jnp.concatenate([agent, convert], axis=-1), train))
-        return preds
+        return [
+            self.level(
+                i, o, upsampled_context(ts, i, (o.shape[1], o.shape[2]), self.align_corners), train
+            )
+            for i, o in enumerate(outs[:-1])
+        ]
+
+    def level(self, i: int, o: Array, u: Array, train: bool) -> Array:
+        raise NotImplementedError
+
+
+class LRFTopDown(TopDown):
+    """P_i = merge_i(concat(agent_i(O_i), convert_i(U_i)))."""
+
+    def level(self, i: int, o: Array, u: Array, train: bool) -> Array:
+        c = o.shape[-1]
+        half = max(1, c // 2)
+        agent = ConvBN(half, 1, dtype=self.dtype, name=f"agent{i + 1}")(o, train)
+        convert = ConvBN(half, 1, dtype=self.dtype, name=f"convert{i + 1}")(u, train)
+        merge = ConvBN(c, 3, padding=1, dtype=self.dtype, name=f"merge{i + 1}")
+        return merge(jnp.concatenate([agent, convert], axis=-1), train)

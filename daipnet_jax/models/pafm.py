@@ -3,7 +3,7 @@
 - T_j = CB(C_j→128, 1×1)(O_j), j = 2..n (`proj{j−1}`, shared with the LRF top-down).
 - eq. 4: U_i = X_i^cat = concat_{j>i}(resize(T_j)) (bilinear, PyTorch semantics).
 - eq. 5: z = global average pool of U_i. eq. 6: g = Conv1×1(ReLU(Conv1×1(z))) (`fc1`, `fc2`,
-  with bias); choice: reduction 16, at least 8 hidden channels.
+  with bias); choice: reduction 16, at least 8 hidden (docs/design.md, PAFM channel attention).
 - eq. 7: X_att = sigmoid(g) ⊙ U_i (the weights are sown as `intermediates/.../attention_weights`).
 - eq. 8: X_init = concat(C3(O_i), C4(U_i)); eq. 9: P_i = concat(C5(X_init), C6(X_att)).
   C3: CB(C_i→C_i/2, 1×1), C4: CB(U_i→C_i/2, 1×1), C5: CB(C_i→C_i/2, 1×1), C6: CB(U_i→C_i/2, 1×1)
@@ -13,13 +13,11 @@ Names: `proj{j}`, `level{i}/{c3,c4,c5,c6}`, `level{i}/attention/{fc1,fc2}`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import flax.linen as nn
 import jax.numpy as jnp
 
 from daipnet_jax.models.layers import Array, ConvBN, Dtype, conv, wide_dtype
-from daipnet_jax.models.lrf import project_levels, upsampled_context
+from daipnet_jax.models.lrf import TopDown
 
 ATTENTION_REDUCTION = 16
 ATTENTION_MIN_CHANNELS = 8
@@ -61,18 +59,8 @@ class PAFMLevel(nn.Module):
         return jnp.concatenate([cb("c5")(x_init, train), cb("c6")(x_att, train)], axis=-1)
 
 
-class PAFMTopDown(nn.Module):
-    """[O_1..O_n] → [P_1..P_{n−1}] (P_i with the shape of O_i)."""
+class PAFMTopDown(TopDown):
+    """P_i = PAFMLevel_i(O_i, U_i)."""
 
-    width: float = 1.0
-    align_corners: bool = False
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, outs: Sequence[Array], train: bool = False) -> list[Array]:
-        ts = project_levels(outs, self.width, self.dtype, train)
-        preds = []
-        for i, o in enumerate(outs[:-1]):
-            u = upsampled_context(ts, i, (o.shape[1], o.shape[2]), self.align_corners)
-            preds.append(PAFMLevel(self.dtype, name=f"level{i + 1}")(o, u, train))
-        return preds
+    def level(self, i: int, o: Array, u: Array, train: bool) -> Array:
+        return PAFMLevel(self.dtype, name=f"level{i + 1}")(o, u, train)

@@ -3,13 +3,8 @@
 conv1_1..conv5_3 (3×3, pad 1, bias, ReLU); max pools 2×2/2 after conv1_2, conv2_2, conv3_3
 (ceil mode: 75 → 38 at 300) and conv4_3; pool5 3×3/1 pad 1; conv6 3×3 dilation 6 pad 6
 (512 → 1024) + ReLU; conv7 1×1 (1024 → 1024).
-
-Returns the two taps BEFORE their ReLU: E1 = conv4_3 [B, 38, 38, 512] and
-E2 = conv7 [B, 19, 19, 1024] at 300 (64 / 32 at 512). The main path applies ReLU after the
-conv4_3 tap itself; the caller applies ReLU(E2) before the extras.
-
-Submodule names `conv1_1` … `conv5_3`, `conv6`, `conv7`; the PyTorch `base.N` / `vgg.N` indices
-are listed in `VGG_TORCH_INDEX`.
+Taps before their ReLU: E1 = conv4_3 [B, 38, 38, 512], E2 = conv7 [B, 19, 19, 1024] at 300
+(64 / 32 at 512); PyTorch indices in `VGG_TORCH_INDEX`.
 """
 
 from __future__ import annotations
