@@ -24,8 +24,15 @@ XLA_CPU_FAST_CONV_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_co
 FAST_CONV_JAXLIB = ((0, 10),)
 
 #: Environment defaults that silence start-up banners: TensorFlow's and oneDNN's INFO and
-#: WARNING lines, libtpu's INFO lines.
-QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TPU_STDERR_LOG_LEVEL": "1", "TPU_MIN_LOG_LEVEL": "1"}
+#: WARNING lines, libtpu's INFO lines. TensorFlow 2.21 prints its oneDNN banner whatever
+#: TF_CPP_MIN_LOG_LEVEL says; TensorFlow here only runs tf.data (no oneDNN matmuls or convs),
+#: so its oneDNN custom ops are turned off instead.
+QUIET_ENV = {
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "TF_ENABLE_ONEDNN_OPTS": "0",
+    "TPU_STDERR_LOG_LEVEL": "1",
+    "TPU_MIN_LOG_LEVEL": "1",
+}
 
 #: Libraries whose INFO lines are dropped (orbax logs a dozen per checkpoint); their warnings
 #: and errors still come through.
@@ -119,3 +126,6 @@ def quiet_library_logs(libraries: tuple[str, ...] = NOISY_LIBRARIES) -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
             logger.addFilter(_DropLibraryInfo(libraries))
+    # JAX logs through its own loggers (e.g. "Unable to initialize backend 'tpu'" on every
+    # machine without one); a filter on the root does not see propagated records.
+    logging.getLogger("jax").setLevel(logging.WARNING)
