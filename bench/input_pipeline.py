@@ -16,7 +16,7 @@ once into `--data_dir`.
 
 Also ours with tf.data limited to 1 and 2 host threads (`threading.private_threadpool_size`,
 no intra-op parallelism): the rate per host core, from which the cores one accelerator needs
-follow (docs/benchmarks_gpu.md).
+follow (README, "Input pipeline and host cores").
 
 Last line: `RESULT input_pipeline_speedup=<ours / reference> input_images_per_s=<ours>
 input_images_per_s_1core=... input_images_per_s_2cores=...`.

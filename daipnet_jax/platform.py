@@ -11,6 +11,8 @@ import importlib.util
 import logging
 import os
 import pkgutil
+import sys
+import types
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -117,7 +119,21 @@ class _DropLibraryInfo(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING:
             return True
-        return not any(m in record.pathname for m in self._markers)
+        return not any(m in _origin(record) for m in self._markers)
+
+
+def _origin(record: logging.LogRecord) -> str:
+    """The file that logged `record`: some libraries (orbax) log through a wrapper that absl
+    reports as the caller, so walk the stack past the logging modules."""
+    if "/absl/logging/" not in record.pathname:
+        return record.pathname
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not any(part in name for part in ("/logging/", "platform.py")):
+            return name
+        frame = frame.f_back
+    return record.pathname
 
 
 def quiet_library_logs(libraries: tuple[str, ...] = NOISY_LIBRARIES) -> None:

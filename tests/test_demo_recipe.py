@@ -47,18 +47,18 @@ def test_unknown_optimizer_is_refused_and_recipe_default_is_sgd():
 
 
 def test_demo_schedule_fits_its_epochs():
-    """demo: 2000 images / batch 8 = 250 steps per epoch → warm-up 62 steps, ×0.1 at step 500,
-    600 steps in all, no wall-clock cap; the Table 2 variants keep the paper's recipe (SGD,
+    """demo: 2000 images / batch 8 = 250 steps per epoch → warm-up 62 steps, ×0.1 at step 700,
+    800 steps in all, no wall-clock cap; the Table 2 variants keep the paper's recipe (SGD,
     6-epoch warm-up)."""
     c = _generated_config("demo")
     spe = config_lib.steps_per_epoch(c, 2000)
     assert spe == 250
-    assert config_lib.schedule_points(c, spe) == (62, [500])
-    assert config_lib.total_steps(c, spe) == 600
+    assert config_lib.schedule_points(c, spe) == (62, [700])
+    assert config_lib.total_steps(c, spe) == 800
     assert c.train.max_train_seconds == 0
     sched = schedule_lib.learning_rate_schedule(c, spe)
     np.testing.assert_allclose(float(sched(62)), 2e-3, rtol=1e-6)
-    np.testing.assert_allclose(float(sched(500)), 2e-4, rtol=1e-5)
+    np.testing.assert_allclose(float(sched(700)), 2e-4, rtol=1e-5)
     assert c.model.width == 0.125 and c.train.optimizer == "adam"
     real = _generated_config("daipnet300")
     assert real.model.width == 0.25 and real.train.optimizer == "sgd"

@@ -2,7 +2,7 @@
 
 Usage: `--config configs/generated.py:daipnet300` (any Table 2 variant; default width 0.25), or
 `--config configs/generated.py:demo` for the tuned quick-start recipe that `make demo` runs
-(width 0.125, Adam, no augmentation, 600 steps; see docs/design.md).
+(width 0.125, Adam, no augmentation, 800 steps; see docs/design.md).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def recipe(variant: str, *, width: float = 0.25) -> ml_collections.ConfigDict:
 
 
 def demo(width: float = 0.125) -> ml_collections.ConfigDict:
-    """The quick start: DAIPNet300 from scratch, 600 steps (~6 CPU minutes; docs/design.md)."""
+    """The quick start: DAIPNet300 from scratch, 800 steps (~6 CPU minutes; docs/design.md)."""
     c = recipe("daipnet300", width=width)
     c.name = "demo"
     # From scratch (no ImageNet VGG): unit-variance inputs rather than the caffe convention.
@@ -41,8 +41,8 @@ def demo(width: float = 0.125) -> ml_collections.ConfigDict:
     c.train.optimizer = "adam"  # SGD plateaued from scratch (docs/design.md)
     c.train.base_lr = 2e-3
     c.train.warmup_epochs = 0.25
-    c.train.decay_epochs = (2.0,)
-    c.train.total_epochs = 2.4  # 600 steps of 250 per epoch: a fixed amount, not a time cap
+    c.train.decay_epochs = (2.8,)
+    c.train.total_epochs = 3.2  # 800 steps of 250 per epoch: a fixed amount, not a time cap
     c.train.log_every_steps = 25
     c.train.checkpoint_every_steps = 300
     return c
