@@ -55,20 +55,43 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+class _ClosedLoopNoise(logging.Filter):
+    """Drops asyncio's "Exception in callback" records whose exception is "Event loop is
+    closed"; every other asyncio record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _is_closed_loop(record.exc_info[1] if record.exc_info else None)
+
+
+def _is_closed_loop(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
 def _drop_closed_loop_noise() -> None:
-    """After a failed read, orbax's pending asyncio callbacks report "Event loop is closed"
-    as unraisable exceptions (dozens of tracebacks); drop exactly those."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_daipnet", False):
-        return
+    """Around reads that may fail, orbax's pending asyncio callbacks report "Event loop is
+    closed" (dozens of tracebacks) as unraisable exceptions, through asyncio's logger, or
+    printed from native code through `sys.excepthook`; drop exactly those. Idempotent."""
+    loop_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _ClosedLoopNoise) for f in loop_log.filters):
+        loop_log.addFilter(_ClosedLoopNoise())
+    unraisable = sys.unraisablehook
+    if not getattr(unraisable, "_daipnet", False):
 
-    def hook(u: Any) -> None:
-        if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
-            return
-        previous(u)
+        def on_unraisable(u: Any) -> None:
+            if not _is_closed_loop(u.exc_value):
+                unraisable(u)
 
-    hook._daipnet = True  # type: ignore[attr-defined]
-    sys.unraisablehook = hook
+        on_unraisable._daipnet = True  # type: ignore[attr-defined]
+        sys.unraisablehook = on_unraisable
+    excepthook = sys.excepthook
+    if not getattr(excepthook, "_daipnet", False):
+
+        def on_exception(kind: Any, value: Any, tb: Any) -> None:
+            if not _is_closed_loop(value):
+                excepthook(kind, value, tb)
+
+        on_exception._daipnet = True  # type: ignore[attr-defined]
+        sys.excepthook = on_exception
 
 
 def unreadable_warning(directory: Path, step: int, error: BaseException, action: str) -> None:
@@ -280,6 +303,7 @@ def load_variables_and_step(
             raise CheckpointError(
                 f"checkpoint {directory}/{step} does not restore: {_first_line(e)}"
             ) from e
+    _drop_closed_loop_noise()
     for s in reversed(steps):
         try:
             return _variables_of(_read_tree(directory / str(s) / STATE_ITEM), path), s

@@ -145,7 +145,3 @@ def quiet_library_logs(libraries: tuple[str, ...] = NOISY_LIBRARIES) -> None:
     # JAX logs through its own loggers (e.g. "Unable to initialize backend 'tpu'" on every
     # machine without one); a filter on the root does not see propagated records.
     logging.getLogger("jax").setLevel(logging.WARNING)
-    # Orbax's internal event loop may report "Event loop is closed" with a traceback after a
-    # checkpoint fails to restore (the fallback then names the step in one line); nothing of
-    # ours runs on asyncio.
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
