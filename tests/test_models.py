@@ -143,12 +143,18 @@ def test_resize_formulas_differ_on_5_to_38():
      (10, 2, 2, 0, True), (19, 3, 1, 1, False), (128, 2, 2, 0, False)],
 )  # fmt: skip
 def test_max_pool_matches_torch(size, window, stride, padding, ceil):
-    x = np.random.default_rng(2).normal(size=(2, size, size, 3)).astype(np.float32)
-    got = np.asarray(max_pool(jnp.asarray(x), window, stride, padding, ceil))
-    want = F.max_pool2d(
-        torch.from_numpy(x).permute(0, 3, 1, 2), window, stride, padding, ceil_mode=ceil
+    """Values and input gradients equal PyTorch's (no ties in normal draws)."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, size, size, 3)).astype(np.float32)
+    got, vjp = jax.vjp(lambda v: max_pool(v, window, stride, padding, ceil), jnp.asarray(x))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    want = F.max_pool2d(xt, window, stride, padding, ceil_mode=ceil)
+    np.testing.assert_array_equal(np.asarray(got), want.permute(0, 2, 3, 1).detach().numpy())
+    g = rng.normal(size=got.shape).astype(np.float32)
+    want.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
+    np.testing.assert_array_equal(
+        np.asarray(vjp(jnp.asarray(g))[0]), xt.grad.permute(0, 2, 3, 1).numpy()
     )
-    np.testing.assert_array_equal(got, want.permute(0, 2, 3, 1).numpy())
 
 
 def test_convbn_stride2_train_matches_torch():

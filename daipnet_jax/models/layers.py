@@ -130,7 +130,16 @@ def max_pool(
                 out -= 1
             hi = max(padding, (out - 1) * stride + window - n - padding)
         pads.append((lo, hi))
-    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=tuple(pads))
+    if window != stride:
+        return nn.max_pool(x, (window, window), strides=(stride, stride), padding=tuple(pads))
+    # Non-overlapping windows as a reshape and a max: its gradient is element-wise and fuses
+    # with its neighbours, where reduce_window's is a select-and-scatter (docs/design.md,
+    # "Max pooling").
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+    b, h, w, c = x.shape
+    h, w = h // stride, w // stride  # floor mode drops a partial last window
+    x = x[:, : h * stride, : w * stride].reshape(b, h, stride, w, stride, c)
+    return jnp.max(x, axis=(2, 4))
 
 
 @functools.lru_cache(maxsize=256)
