@@ -1,7 +1,9 @@
-"""Runtime switches of the entry points: XLA:CPU flag, quiet logs, the compilation cache.
+"""Runtime switches of the entry points: XLA:CPU and XLA:GPU flags, quiet logs, the
+compilation cache.
 
 Every entry point calls `setup()` before JAX starts a backend; the library never sets flags.
-`JAX_ENABLE_COMPILATION_CACHE=0` and `DAIPNET_CPU_FAST_CONV=0` switch the cache and the flag off.
+`JAX_ENABLE_COMPILATION_CACHE=0`, `DAIPNET_CPU_FAST_CONV=0` and `DAIPNET_GPU_CONV_GRAPHS=0`
+switch the cache and the flags off.
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ XLA_CPU_FAST_CONV_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_co
 #: jaxlib (major, minor) versions known to accept the flag: XLA aborts at start-up on an
 #: unknown flag, so a newer jaxlib runs without it until checked.
 FAST_CONV_JAXLIB = ((0, 10),)
+
+#: XLA:GPU: cuDNN convolutions join the fusions and library calls that XLA replays as CUDA
+#: graphs; its default list leaves them out, so each convolution splits the graph and a batch-1
+#: forward launches most of its ~350 kernels one by one (docs/design.md, "Accelerators").
+XLA_GPU_CONV_GRAPH_FLAGS = (
+    "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONVOLUTION"
+)
+
+#: jaxlib (major, minor) versions checked to accept that list (XLA aborts on an unknown value).
+CONV_GRAPH_JAXLIB = ((0, 11),)
 
 #: Environment defaults that silence start-up banners: TensorFlow's and oneDNN's INFO and
 #: WARNING lines, libtpu's INFO lines. TensorFlow 2.21 prints its oneDNN banner whatever
@@ -48,6 +60,7 @@ def setup(*, compilation_cache: bool = False) -> None:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     add_cpu_flags()
+    add_gpu_flags()
     quiet_library_logs()
     if compilation_cache:
         enable_compilation_cache()
@@ -59,11 +72,16 @@ def accelerator_requested(environ: MutableMapping[str, str] | None = None) -> bo
     platforms = [p.strip() for p in env.get("JAX_PLATFORMS", "").lower().split(",") if p.strip()]
     if platforms:
         return any(p != "cpu" for p in platforms)
+    return bool(_plugin_names()) or importlib.util.find_spec("libtpu") is not None
+
+
+def _plugin_names() -> list[str]:
+    """Installed JAX PJRT plugins (e.g. 'xla_cuda13'): entry points and `jax_plugins.*`."""
     names = [ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")]
     spec = importlib.util.find_spec("jax_plugins")
     if spec is not None and spec.submodule_search_locations:
         names += [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)]
-    return bool(names) or importlib.util.find_spec("libtpu") is not None
+    return names
 
 
 def _jaxlib_version() -> tuple[int, int] | None:
@@ -87,6 +105,33 @@ def add_cpu_flags(environ: MutableMapping[str, str] | None = None) -> bool:
     ):
         return False
     env["XLA_FLAGS"] = (current + " " + XLA_CPU_FAST_CONV_FLAGS).strip()
+    return True
+
+
+def cuda_requested(environ: MutableMapping[str, str] | None = None) -> bool:
+    """True for a CUDA run: `JAX_PLATFORMS` names cuda or gpu if set, else a CUDA plugin is
+    installed."""
+    env = os.environ if environ is None else environ
+    platforms = [p.strip() for p in env.get("JAX_PLATFORMS", "").lower().split(",") if p.strip()]
+    if platforms:
+        return any(p in ("cuda", "gpu") for p in platforms)
+    return any("cuda" in name for name in _plugin_names())
+
+
+def add_gpu_flags(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Append `XLA_GPU_CONV_GRAPH_FLAGS` to `XLA_FLAGS` on a CUDA run with a checked jaxlib
+    (`CONV_GRAPH_JAXLIB`) unless the user set a command-buffer list or
+    `DAIPNET_GPU_CONV_GRAPHS=0`; returns whether it did."""
+    env = os.environ if environ is None else environ
+    current = env.get("XLA_FLAGS", "")
+    if (
+        env.get("DAIPNET_GPU_CONV_GRAPHS", "1").lower() in _OFF
+        or "xla_gpu_enable_command_buffer" in current
+        or _jaxlib_version() not in CONV_GRAPH_JAXLIB
+        or not cuda_requested(env)
+    ):
+        return False
+    env["XLA_FLAGS"] = (current + " " + XLA_GPU_CONV_GRAPH_FLAGS).strip()
     return True
 
 

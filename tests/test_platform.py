@@ -55,3 +55,34 @@ def test_compilation_cache_folder(monkeypatch, tmp_path):
     assert platform.default_cache_dir({"XDG_CACHE_HOME": "/c"}) == Path("/c/daipnet_jax/jax")
     monkeypatch.setenv("JAX_ENABLE_COMPILATION_CACHE", "0")
     assert platform.enable_compilation_cache(tmp_path) is None
+
+
+def test_gpu_flag_only_on_cuda_with_a_checked_jaxlib(monkeypatch):
+    monkeypatch.setattr(platform, "_jaxlib_version", lambda: (0, 11))
+    env = {"JAX_PLATFORMS": "cuda", "XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    assert platform.add_gpu_flags(env)
+    assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x", platform.XLA_GPU_CONV_GRAPH_FLAGS]
+    assert not platform.add_gpu_flags(env)  # a command-buffer list is there already: unchanged
+    assert env["XLA_FLAGS"].count("command_buffer") == 1
+    for other in ("cpu", "tpu", "rocm"):
+        env = {"JAX_PLATFORMS": other}
+        assert not platform.add_gpu_flags(env) and "XLA_FLAGS" not in env
+    env = {"JAX_PLATFORMS": "cuda", "DAIPNET_GPU_CONV_GRAPHS": "off"}
+    assert not platform.add_gpu_flags(env) and "XLA_FLAGS" not in env
+    env = {"JAX_PLATFORMS": "cuda", "XLA_FLAGS": "--xla_gpu_enable_command_buffer="}
+    assert not platform.add_gpu_flags(env)  # the user's own list (here: none) wins
+    for version in ((0, 10), (0, 12)):  # not checked: an unknown enum value would abort XLA
+        monkeypatch.setattr(platform, "_jaxlib_version", lambda v=version: v)
+        env = {"JAX_PLATFORMS": "cuda"}
+        assert not platform.add_gpu_flags(env) and "XLA_FLAGS" not in env
+
+
+def test_cuda_requested_follows_jax_platforms_then_plugins(monkeypatch):
+    assert platform.cuda_requested({"JAX_PLATFORMS": "gpu,cpu"})
+    assert not platform.cuda_requested({"JAX_PLATFORMS": "tpu"})
+    monkeypatch.setattr(platform, "_plugin_names", lambda: ["xla_cuda13"])
+    assert platform.cuda_requested({})
+    monkeypatch.setattr(platform, "_plugin_names", lambda: ["xla_rocm"])
+    assert not platform.cuda_requested({}) and platform.accelerator_requested({})
+    monkeypatch.setattr(platform, "_plugin_names", lambda: [])
+    assert not platform.cuda_requested({})  # this machine: CPU only
