@@ -5,12 +5,14 @@ measurement after start-up, so that the whole run stays under 8 minutes on one G
 that would start too late is skipped and printed as such). Imports jax, flax, optax, numpy,
 ml_collections, absl and (for the anchor only) torch; never TensorFlow (checked at the end).
 
-Sections, most important first:
+Sections (run in the order that puts the headline numbers first: DAIPNet300 forward, the
+bfloat16 train steps, the PyTorch anchor, detect, then the other models, float32 training and
+the batch search):
 1. Forward (eval mode, jitted, device-resident images): latency at batch 1 and throughput at
    batch 32, float32 and bfloat16 (`model.dtype`), for DAIPNet300, LRF300, SSD300, DAIPNet512.
 2. Train step (`training.step.make_train_step`: matching, train-mode forward, MultiBox loss,
    gradient, SGD update) at batch 32, float32 and bfloat16, DAIPNet300 and LRF300; images/s and
-   model FLOPs utilisation = XLA's cost-analysis FLOPs of the compiled step / step time / the
+   model FLOPs utilisation = XLA's cost-analysis FLOPs of the step lowered for the CPU (`cpu_flops`) / step time / the
    device's dense peak (`PEAKS`; "n/a" for an unknown device). float32 is compared with the
    TF32 peak at JAX's default matmul precision (XLA GPU runs float32 convolutions and dots on
    TF32 tensor cores then), with the float32 peak under `jax_default_matmul_precision=highest`.
@@ -25,6 +27,8 @@ Sections, most important first:
     python bench/accelerator.py                 # full sizes (one GPU: < 8 minutes)
     python bench/accelerator.py --quick         # width 0.0625, batch 2, DAIPNet300 only, bf16
                                                 # train step, no batch search: a CPU smoke test
+    python bench/accelerator.py --profile_dir /tmp/prof   # also: device time per XLA op of
+                                                # the DAIPNet300 bf16 train step
     make bench-accel
 
 JAX is limited to 70 % of the accelerator's memory (`XLA_PYTHON_CLIENT_MEM_FRACTION`), leaving
@@ -63,6 +67,20 @@ PEAKS: list[tuple[tuple[str, ...], tuple[float, float, float]]] = [
 FORWARD_MODELS = ("daipnet300", "lrf300", "ssd300", "daipnet512")
 TRAIN_MODELS = ("daipnet300", "lrf300")
 DTYPES = ("float32", "bfloat16")
+#: Op-name fragments the profile summary groups device time by (first match wins).
+OP_KINDS = (
+    "convolution",
+    "cudnn",
+    "gemm",
+    "dot",
+    "sort",
+    "reduce",
+    "transpose",
+    "copy",
+    "scatter",
+    "gather",
+    "fusion",
+)
 
 
 def peak_flops(device_kind: str, dtype: str, precision: str | None) -> float | None:
@@ -75,16 +93,46 @@ def peak_flops(device_kind: str, dtype: str, precision: str | None) -> float | N
     return None
 
 
-def flops_of(compiled: Any) -> float | None:
-    """XLA's cost-analysis FLOPs of a compiled program (None where not reported)."""
+def flops_of(lowered: Any) -> float | None:
+    """XLA's cost-analysis FLOPs of a lowered, not yet optimised program (None where not
+    reported)."""
     try:
-        cost = compiled.cost_analysis()
-    except Exception:  # some backends do not implement it
+        cost = lowered.cost_analysis()
+    except Exception:  # backends behind a PJRT plugin (CUDA) do not implement it
         return None
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else {}
     value = (cost or {}).get("flops")
     return float(value) if value else None
+
+
+def cpu_flops(jitted: Any, *args: Any) -> float | None:
+    """FLOPs of `jitted(*args)` as XLA counts them in the program lowered for the CPU.
+
+    The count of the unoptimised program does not depend on the device, and neither GPU count
+    is usable: the compiled program's convolutions are cuDNN calls counted as 0 FLOPs, and the
+    lowered program's analysis is not implemented behind the CUDA plugin.
+    """
+    import jax
+
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    with jax.default_device(jax.devices("cpu")[0]):
+        return flops_of(jitted.lower(*abstract))
+
+
+def warm_median(fn: Callable[[], Any], iters: int, warm_s: float) -> float:
+    """Median seconds of `fn()` over `iters` calls, after calling it for `warm_s` seconds (at
+    least once): timed right after compilation, an idle GPU's batch-1 calls read slow
+    (docs/design.md, "Accelerators")."""
+    end = time.perf_counter() + warm_s
+    fn()
+    while time.perf_counter() < end:
+        fn()
+    return median_time(fn, iters, warmup=0)
+
+
+def gflop(flops: float | None, batch: int) -> str:
+    return f"{flops / batch / 1e9:.1f}" if flops else "n/a"
 
 
 class Budget:
@@ -168,8 +216,17 @@ def variables_for(variant: str, width: float) -> Any:
     return _VARIABLES[(variant, width)]
 
 
-def forward_bench(variant: str, width: float, dtype: str, batches: tuple[int, ...], iters: int):
-    """{batch: seconds per call} of the jitted eval forward, plus FLOPs at the last batch."""
+def forward_bench(
+    variant: str,
+    width: float,
+    dtype: str,
+    batches: tuple[int, ...],
+    iters: int,
+    profile_dir: str = "",
+    warm_s: float = 1.0,
+):
+    """{batch: seconds per call} of the jitted eval forward, plus FLOPs at the last batch; with
+    `profile_dir`, 10 more calls at the first batch are traced there (`jax.profiler`)."""
     import jax
 
     from daipnet_jax import models
@@ -179,20 +236,36 @@ def forward_bench(variant: str, width: float, dtype: str, batches: tuple[int, ..
     variables = variables_for(variant, width)
     out: dict[int, float] = {}
     flops = None
-    for batch in batches:
+    for batch in dict.fromkeys(batches):
         images = device_images(batch, c.model.image_size)
-        compiled = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images).compile()
-        flops = flops_of(compiled)
+        forward = jax.jit(lambda v, x: model.apply(v, x))
+        if batch == batches[-1]:
+            flops = cpu_flops(forward, variables, images)
+        compiled = forward.lower(variables, images).compile()
 
         def run(f: Any = compiled, x: Any = images) -> None:
             jax.block_until_ready(f(variables, x))
 
-        out[batch] = median_time(run, iters)
+        # batch 1 is launch-bound and noisy on a GPU: more calls for its median
+        out[batch] = warm_median(run, 5 * iters if batch == 1 else iters, warm_s)
+        if profile_dir and batch == batches[0]:
+            with jax.profiler.trace(profile_dir):
+                for _ in range(10):
+                    run()
     return out, flops
 
 
-def train_bench(variant: str, width: float, dtype: str, batch: int, iters: int) -> dict[str, Any]:
-    """Seconds per train step, its FLOPs, and the final loss (finite) at `batch`."""
+def train_bench(
+    variant: str,
+    width: float,
+    dtype: str,
+    batch: int,
+    iters: int,
+    profile_dir: str = "",
+    warm_s: float = 1.0,
+) -> dict[str, Any]:
+    """Seconds per train step, its FLOPs, and the final loss (finite) at `batch`; with
+    `profile_dir`, 3 more steps are traced there (`jax.profiler`)."""
     import jax
 
     from daipnet_jax import boxes, models, sharding
@@ -216,6 +289,9 @@ def train_bench(variant: str, width: float, dtype: str, batch: int, iters: int) 
     )
     batch_g = device_batch(c, mesh)
     step = step_lib.make_train_step(c, model, tx, sched, boxes.prior_boxes(c), mesh)
+    cpu_mesh = sharding.make_mesh(jax.devices("cpu")[:1])
+    cpu_step = step_lib.make_train_step(c, model, tx, sched, boxes.prior_boxes(c), cpu_mesh)
+    flops = cpu_flops(cpu_step, state, batch_g)  # before the step donates `state`
     t0 = time.perf_counter()
     compiled = step.lower(state, batch_g).compile()
     compile_s = time.perf_counter() - t0
@@ -225,9 +301,13 @@ def train_bench(variant: str, width: float, dtype: str, batch: int, iters: int) 
         holder["state"], holder["metrics"] = compiled(holder["state"], batch_g)
         jax.block_until_ready(holder["metrics"])
 
-    sec = median_time(run, iters)
+    sec = warm_median(run, iters, warm_s)
+    if profile_dir:
+        with jax.profiler.trace(profile_dir):
+            for _ in range(3):
+                run()
     loss = float(holder["metrics"]["loss"])  # type: ignore[index]
-    return dict(step=sec, flops=flops_of(compiled), compile=compile_s, loss=loss)
+    return dict(step=sec, flops=flops, compile=compile_s, loss=loss)
 
 
 def is_oom(err: Exception) -> bool:
@@ -257,7 +337,9 @@ def largest_batch(
     return largest
 
 
-def detect_bench(batches: tuple[int, ...], iters: int, quick: bool) -> dict[int, float]:
+def detect_bench(
+    batches: tuple[int, ...], iters: int, quick: bool, warm_s: float = 1.0
+) -> dict[int, float]:
     """{batch: seconds per call} of jitted `postprocess.detect` on device-resident outputs."""
 
     import jax
@@ -281,12 +363,14 @@ def detect_bench(batches: tuple[int, ...], iters: int, quick: bool) -> dict[int,
         def run(a: Any = loc, g: Any = logits) -> None:
             jax.block_until_ready(fn(a, g, dev_priors))
 
-        out[batch] = median_time(run, iters)
+        out[batch] = warm_median(run, iters, warm_s)
     return out
 
 
 # ------------------------------------------------------------------ PyTorch anchor
-def torch_bench(width: float, batches: tuple[int, ...], iters: int) -> dict[str, float] | None:
+def torch_bench(
+    width: float, batches: tuple[int, ...], iters: int, warm_s: float = 1.0
+) -> dict[str, float] | None:
     """PyTorch LRF300: forward seconds at each batch and the train step at the last one."""
     try:
         import torch
@@ -302,6 +386,8 @@ def torch_bench(width: float, batches: tuple[int, ...], iters: int) -> dict[str,
     from daipnet_jax import sharding
 
     cuda = torch.cuda.is_available()
+    # fixed input sizes: let cuDNN pick its fastest algorithms, as a tuned PyTorch run would
+    torch.backends.cudnn.benchmark = True
     dev = torch.device("cuda" if cuda else "cpu")
     amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=cuda)
 
@@ -322,7 +408,7 @@ def torch_bench(width: float, batches: tuple[int, ...], iters: int) -> dict[str,
                 net(x)
             sync()
 
-        out[f"forward_b{batch}"] = median_time(fwd, iters, warmup=2)
+        out[f"forward_b{batch}"] = warm_median(fwd, iters, warm_s)
     batch = batches[-1]
     c = make_config("lrf300", width, "float32", batch)
     mesh = sharding.make_mesh(jax.devices()[:1])
@@ -346,7 +432,56 @@ def torch_bench(width: float, batches: tuple[int, ...], iters: int) -> dict[str,
         opt.step()
         sync()
 
-    out["train_step"] = median_time(train, iters, warmup=2)
+    out["train_step"] = warm_median(train, iters, warm_s)
+    return out
+
+
+# ------------------------------------------------------------------ profile
+def profile_summary(path: str, top: int = 20) -> list[str]:
+    """Lines summarising a `jax.profiler` trace: device time per XLA op, largest first.
+
+    Reads the device planes ('/device:GPU:0', ...) of the trace's `.xplane.pb`; on a device
+    plane the 'XLA Ops' line holds one event per executed HLO op (the per-stream kernel lines are
+    the fallback).
+    """
+    import glob
+
+    from jax.profiler import ProfileData
+
+    files = sorted(glob.glob(os.path.join(path, "**", "*.xplane.pb"), recursive=True))
+    if not files:
+        return [f"  no .xplane.pb under {path}"]
+    data = ProfileData.from_file(files[-1])
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:") or "CPU" in plane.name:
+            continue
+        lines = {line.name: line for line in plane.lines}
+        if "XLA Ops" in lines:
+            chosen = [lines["XLA Ops"]]
+        else:  # kernels, one line per stream
+            chosen = [line for name, line in lines.items() if name.startswith("Stream")]
+        for line in chosen:
+            for event in line.events:
+                totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns
+                counts[event.name] = counts.get(event.name, 0) + 1
+    if not totals:
+        return ["  no device events in the trace (CPU run?)"]
+    whole = sum(totals.values())
+    out = [f"  device op time {whole / 1e6:.2f} ms over {sum(counts.values())} op executions"]
+    groups: dict[str, float] = {}
+    for name, ns in totals.items():
+        kind = next((k for k in OP_KINDS if k in name.lower()), "other")
+        groups[kind] = groups.get(kind, 0.0) + ns
+    out.append(
+        "  by kind: "
+        + ", ".join(
+            f"{k} {100 * v / whole:.1f}%" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])
+        )
+    )
+    for name, ns in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"  {100 * ns / whole:5.1f}% {ns / 1e6:8.3f} ms x{counts[name]:<4d} {name[:90]}")
     return out
 
 
@@ -361,6 +496,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--max_batch", type=int, default=512, help="bound of the batch search")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="run only the sections whose name holds every word given, e.g. 'forward daipnet300' "
+        "(names: 'forward|train <model> <dtype>', torch, detect, search)",
+    )
+    ap.add_argument(
+        "--profile_dir",
+        default="",
+        help="trace 10 batch-1 forwards and 3 train steps of DAIPNet300 bfloat16 here "
+        "(jax.profiler) and print the device time per kernel",
+    )
     args = ap.parse_args()
     forward_models, train_models, dtypes_train = FORWARD_MODELS, TRAIN_MODELS, DTYPES
     if args.quick:
@@ -377,100 +524,150 @@ def main() -> None:
     print(
         f"jax {jax.__version__}, device {kind} ({dev.platform}) x{jax.device_count()}, "
         f"width {args.width}, batch {args.batch}, {args.iters} timed iterations, "
-        f"matmul precision {precision or 'default'}, budget {args.budget_s:.0f} s"
+        f"matmul precision {precision or 'default'}, budget {args.budget_s:.0f} s, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
     )
     results: dict[str, str] = {"accel_device": kind.replace(" ", "_"), "width": f"{args.width:g}"}
     b = args.batch
     # rough seconds a measurement needs (compile + runs), scaled down in quick mode
     need = {"forward": 40.0, "train": 90.0, "torch": 60.0, "detect": 30.0, "search": 90.0}
+    warm_s = 1.0  # seconds of calls before each timing
     if args.quick:
-        need = dict.fromkeys(need, 0.0)
+        need, warm_s = dict.fromkeys(need, 0.0), 0.0
 
-    print(f"forward (eval mode): batch-1 latency ms, batch-{b} images/s")
-    for variant in forward_models:
-        for dtype in DTYPES:
-            if not budget.ok(f"forward {variant} {dtype}", need["forward"]):
-                continue
-            times, flops = forward_bench(variant, args.width, dtype, (1, b), args.iters)
-            tag = f"{variant}_{dtype}"
-            results[f"fwd_{tag}_b1_ms"] = f"{1e3 * times[1]:.3f}"
-            results[f"fwd_{tag}_b{b}_img_s"] = f"{b / times[b]:.1f}"
-            peak = peak_flops(kind, dtype, precision)
-            mfu = f"{100 * flops / times[b] / peak:.1f}" if flops and peak else "n/a"
-            results[f"fwd_{tag}_b{b}_mfu_pct"] = mfu
-            print(
-                f"  {variant:<11} {dtype:<9} b1 {1e3 * times[1]:8.3f} ms   b{b} "
-                f"{b / times[b]:9.1f} img/s   MFU {mfu}%",
-                flush=True,
-            )
+    def forward(variant: str, dtype: str) -> None:
+        if not budget.ok(f"forward {variant} {dtype}", need["forward"]):
+            return
+        t0 = time.perf_counter()
+        profile = ""
+        if args.profile_dir and (variant, dtype) == ("daipnet300", "bfloat16"):
+            profile = os.path.join(args.profile_dir, "forward_b1")
+        times, flops = forward_bench(
+            variant, args.width, dtype, (1, b), args.iters, profile, warm_s
+        )
+        tag = f"{variant}_{dtype}"
+        results[f"fwd_{tag}_b1_ms"] = f"{1e3 * times[1]:.3f}"
+        results[f"fwd_{tag}_b{b}_img_s"] = f"{b / times[b]:.1f}"
+        peak = peak_flops(kind, dtype, precision)
+        mfu = f"{100 * flops / times[b] / peak:.1f}" if flops and peak else "n/a"
+        results[f"fwd_{tag}_b{b}_mfu_pct"] = mfu
+        print(
+            f"  forward {variant:<11} {dtype:<9} b1 {1e3 * times[1]:8.3f} ms   b{b} "
+            f"{b / times[b]:9.1f} img/s   MFU {mfu} %  "
+            f"({gflop(flops, b)} GFLOP/img, {time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+        if profile:
+            print("  10 traced calls at batch 1:", flush=True)
+            print("\n".join(profile_summary(profile, top=8)), flush=True)
 
-    print(f"train step, batch {b}: images/s, model FLOPs utilisation")
-    for variant in train_models:
-        for dtype in dtypes_train:
-            if not budget.ok(f"train {variant} {dtype}", need["train"]):
-                continue
-            r = train_bench(variant, args.width, dtype, b, args.iters)
-            peak = peak_flops(kind, dtype, precision)
-            mfu = f"{100 * r['flops'] / r['step'] / peak:.1f}" if r["flops"] and peak else "n/a"
-            tag = f"{variant}_{dtype}"
-            results[f"train_{tag}_b{b}_img_s"] = f"{b / r['step']:.1f}"
-            results[f"train_{tag}_b{b}_mfu_pct"] = mfu
-            print(
-                f"  {variant:<11} {dtype:<9} {b / r['step']:9.1f} img/s  step "
-                f"{1e3 * r['step']:8.1f} ms  MFU {mfu}%  (compile {r['compile']:.0f} s, "
-                f"loss {r['loss']:.3f})",
-                flush=True,
-            )
+    def train(variant: str, dtype: str) -> None:
+        if not budget.ok(f"train {variant} {dtype}", need["train"]):
+            return
+        profile = ""
+        if args.profile_dir and (variant, dtype) == ("daipnet300", "bfloat16"):
+            profile = os.path.join(args.profile_dir, "train")
+        r = train_bench(variant, args.width, dtype, b, args.iters, profile, warm_s)
+        peak = peak_flops(kind, dtype, precision)
+        mfu = f"{100 * r['flops'] / r['step'] / peak:.1f}" if r["flops"] and peak else "n/a"
+        tag = f"{variant}_{dtype}"
+        results[f"train_{tag}_b{b}_img_s"] = f"{b / r['step']:.1f}"
+        results[f"train_{tag}_b{b}_mfu_pct"] = mfu
+        print(
+            f"  train b{b} {variant:<11} {dtype:<9} {b / r['step']:9.1f} img/s  step "
+            f"{1e3 * r['step']:8.1f} ms  MFU {mfu} %  ({gflop(r['flops'], b)} GFLOP/img, "
+            f"compile {r['compile']:.0f} s, "
+            f"loss {r['loss']:.3f})",
+            flush=True,
+        )
+        if profile:
+            print("  3 traced steps:", flush=True)
+            print("\n".join(profile_summary(profile)), flush=True)
 
-    if budget.ok("PyTorch LRF300", need["torch"]):
-        t = torch_bench(args.width, (1, b), args.iters)
-        if t is not None:
-            results["torch_lrf300_b1_ms"] = f"{1e3 * t['forward_b1']:.3f}"
-            results[f"torch_lrf300_b{b}_img_s"] = f"{b / t[f'forward_b{b}']:.1f}"
-            results[f"torch_lrf300_train_b{b}_img_s"] = f"{b / t['train_step']:.1f}"
-            print(
-                f"PyTorch LRF300 (autocast bf16 on CUDA, channels_last): b1 "
-                f"{1e3 * t['forward_b1']:.3f} ms, b{b} {b / t[f'forward_b{b}']:.1f} img/s, "
-                f"train step {b / t['train_step']:.1f} img/s",
-                flush=True,
-            )
-            for key, ours in (
-                ("fwd_b1_latency", "fwd_lrf300_bfloat16_b1_ms"),
-                (f"train_b{b}", f"train_lrf300_bfloat16_b{b}_img_s"),
-            ):
-                if ours in results:
-                    mine, theirs = (
-                        float(results[ours]),
-                        (1e3 * t["forward_b1"] if "fwd" in key else b / t["train_step"]),
-                    )
-                    ratio = theirs / mine if "fwd" in key else mine / theirs
-                    results[f"lrf300_bf16_{key}_vs_torch"] = f"{ratio:.2f}"
-                    print(f"  LRF300 bf16 {key}: JAX / PyTorch speed {ratio:.2f}x")
+    def torch_anchor() -> None:
+        if not budget.ok("PyTorch LRF300", need["torch"]):
+            return
+        t = torch_bench(args.width, (1, b), args.iters, warm_s)
+        if t is None:
+            return
+        results["torch_lrf300_b1_ms"] = f"{1e3 * t['forward_b1']:.3f}"
+        results[f"torch_lrf300_b{b}_img_s"] = f"{b / t[f'forward_b{b}']:.1f}"
+        results[f"torch_lrf300_train_b{b}_img_s"] = f"{b / t['train_step']:.1f}"
+        print(
+            f"  PyTorch LRF300 (autocast bf16 on CUDA, channels_last): b1 "
+            f"{1e3 * t['forward_b1']:.3f} ms, b{b} {b / t[f'forward_b{b}']:.1f} img/s, "
+            f"train step {b / t['train_step']:.1f} img/s",
+            flush=True,
+        )
+        for key, ours in (
+            ("fwd_b1_latency", "fwd_lrf300_bfloat16_b1_ms"),
+            (f"train_b{b}", f"train_lrf300_bfloat16_b{b}_img_s"),
+            (f"daipnet300_train_b{b}", f"train_daipnet300_bfloat16_b{b}_img_s"),
+        ):
+            if ours in results:
+                if "fwd" in key:
+                    ratio = 1e3 * t["forward_b1"] / float(results[ours])
+                else:
+                    ratio = float(results[ours]) / (b / t["train_step"])
+                name = key if key.startswith("daipnet") else f"lrf300_{key}"
+                results[f"{name}_bf16_vs_torch_lrf300"] = f"{ratio:.2f}"
+                print(f"  {name} bf16: JAX / PyTorch LRF300 speed {ratio:.2f}x")
 
-    if budget.ok("detect", need["detect"]):
-        d = detect_bench((1, b), args.iters, args.quick)
+    def detect() -> None:
+        if not budget.ok("detect", need["detect"]):
+            return
+        d = detect_bench((1, b), args.iters, args.quick, warm_s)
         for batch, sec in d.items():
             results[f"detect_b{batch}_ms_per_img"] = f"{1e3 * sec / batch:.3f}"
         print(
-            "detect on device: "
+            "  detect on device: "
             + ", ".join(f"b{k} {1e3 * v / k:.3f} ms/img" for k, v in d.items()),
             flush=True,
         )
 
-    if args.quick:
-        print("largest batch search: skipped in --quick (tests/test_bench.py tests the search)")
-    else:
-        print("largest bfloat16 train batch (DAIPNet300), doubling:")
+    def search() -> None:
+        if args.quick:
+            print("  largest batch search: skipped in --quick (tests/test_bench.py tests it)")
+            return
+        print("  largest bfloat16 train batch (DAIPNet300), doubling:")
 
         def train_at(batch: int) -> float:
             return train_bench(
-                "daipnet300", args.width, "bfloat16", batch, max(1, args.iters // 2)
+                "daipnet300", args.width, "bfloat16", batch, max(1, args.iters // 2), "", warm_s
             )["step"]
 
         found = largest_batch(train_at, 2 * b, args.max_batch, budget, need["search"])
         if found is not None:
             results["train_daipnet300_bfloat16_largest_batch"] = str(found[0])
             results["train_daipnet300_bfloat16_largest_img_s"] = f"{found[0] / found[1]:.1f}"
+
+    # Most important first, so that a short budget still yields the headline numbers: DAIPNet300
+    # latency, the bfloat16 train steps and their PyTorch anchor, detect; then the rest.
+    sections: list[tuple[str, Callable[[], None]]] = [
+        ("forward daipnet300 bfloat16", lambda: forward("daipnet300", "bfloat16")),
+        ("forward daipnet300 float32", lambda: forward("daipnet300", "float32")),
+        *(
+            (f"train {v} bfloat16", lambda v=v: train(v, "bfloat16"))
+            for v in train_models
+            if "bfloat16" in dtypes_train
+        ),
+        ("torch", torch_anchor),
+        ("detect", detect),
+        *(
+            (f"forward {v} {d}", lambda v=v, d=d: forward(v, d))
+            for v in forward_models[1:]
+            for d in DTYPES
+        ),
+        *(
+            (f"train {v} float32", lambda v=v: train(v, "float32"))
+            for v in train_models
+            if "float32" in dtypes_train
+        ),
+        ("search", search),
+    ]
+    for name, section in sections:
+        if all(word in name for word in args.only.split()):
+            section()
 
     assert "tensorflow" not in sys.modules, "something imported TensorFlow"
     total = time.perf_counter() - start

@@ -90,6 +90,16 @@ def versions() -> str:
     return ", ".join(out)
 
 
+#: Heading of the hand-recorded runs on other machines (accelerators), kept by every rewrite.
+RECORDED = "## Recorded on other machines"
+
+
+def recorded_section(text: str) -> str:
+    """The `RECORDED` section of an existing results file, to its end ('' if none)."""
+    at = text.find(RECORDED)
+    return text[at:].rstrip() + "\n" if at >= 0 else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(BENCH_DIR / "RESULTS.md"))
@@ -122,7 +132,9 @@ def main() -> None:
         "|---|---|---|",
     ]
     lines += [f"| {script} | {key} | {value} |" for script, key, value in rows]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    out = Path(args.out)
+    recorded = recorded_section(out.read_text() if out.exists() else "")
+    out.write_text("\n".join(lines) + "\n" + (f"\n{recorded}" if recorded else ""))
     print(f"[bench] wrote {args.out}")
 
 
