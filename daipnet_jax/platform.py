@@ -15,7 +15,7 @@ import os
 import pkgutil
 import sys
 import types
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 
 #: XLA:CPU convolutions on Eigen instead of YNNPACK, whose convolution weight gradients are
@@ -92,20 +92,41 @@ def _jaxlib_version() -> tuple[int, int] | None:
         return None
 
 
+def _append_flags(
+    env: MutableMapping[str, str],
+    flags: str,
+    *,
+    switch: str,
+    set_by_user: str,
+    jaxlibs: tuple[tuple[int, int], ...],
+    applies: Callable[[], bool],
+) -> bool:
+    """Append `flags` to `XLA_FLAGS` unless `switch` is off, `XLA_FLAGS` already holds
+    `set_by_user`, the jaxlib is not one of `jaxlibs`, or `applies()` is False."""
+    current = env.get("XLA_FLAGS", "")
+    if (
+        env.get(switch, "1").lower() in _OFF
+        or set_by_user in current
+        or _jaxlib_version() not in jaxlibs
+        or not applies()
+    ):
+        return False
+    env["XLA_FLAGS"] = (current + " " + flags).strip()
+    return True
+
+
 def add_cpu_flags(environ: MutableMapping[str, str] | None = None) -> bool:
     """Append `XLA_CPU_FAST_CONV_FLAGS` to `XLA_FLAGS` if CPU-only, the jaxlib is checked
     (`FAST_CONV_JAXLIB`) and the user set no fusion type; returns whether it did."""
     env = os.environ if environ is None else environ
-    current = env.get("XLA_FLAGS", "")
-    if (
-        env.get("DAIPNET_CPU_FAST_CONV", "1").lower() in _OFF
-        or "xla_cpu_experimental_ynn_fusion_type" in current
-        or _jaxlib_version() not in FAST_CONV_JAXLIB
-        or accelerator_requested(env)
-    ):
-        return False
-    env["XLA_FLAGS"] = (current + " " + XLA_CPU_FAST_CONV_FLAGS).strip()
-    return True
+    return _append_flags(
+        env,
+        XLA_CPU_FAST_CONV_FLAGS,
+        switch="DAIPNET_CPU_FAST_CONV",
+        set_by_user="xla_cpu_experimental_ynn_fusion_type",
+        jaxlibs=FAST_CONV_JAXLIB,
+        applies=lambda: not accelerator_requested(env),
+    )
 
 
 def cuda_requested(environ: MutableMapping[str, str] | None = None) -> bool:
@@ -123,16 +144,14 @@ def add_gpu_flags(environ: MutableMapping[str, str] | None = None) -> bool:
     (`CONV_GRAPH_JAXLIB`) unless the user set a command-buffer list or
     `DAIPNET_GPU_CONV_GRAPHS=0`; returns whether it did."""
     env = os.environ if environ is None else environ
-    current = env.get("XLA_FLAGS", "")
-    if (
-        env.get("DAIPNET_GPU_CONV_GRAPHS", "1").lower() in _OFF
-        or "xla_gpu_enable_command_buffer" in current
-        or _jaxlib_version() not in CONV_GRAPH_JAXLIB
-        or not cuda_requested(env)
-    ):
-        return False
-    env["XLA_FLAGS"] = (current + " " + XLA_GPU_CONV_GRAPH_FLAGS).strip()
-    return True
+    return _append_flags(
+        env,
+        XLA_GPU_CONV_GRAPH_FLAGS,
+        switch="DAIPNET_GPU_CONV_GRAPHS",
+        set_by_user="xla_gpu_enable_command_buffer",
+        jaxlibs=CONV_GRAPH_JAXLIB,
+        applies=lambda: cuda_requested(env),
+    )
 
 
 def default_cache_dir(environ: MutableMapping[str, str] | None = None) -> Path:
