@@ -13,8 +13,6 @@ images (3 batches of 2 each, the second process padding one).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import pickle
@@ -24,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import coco_reference
 import jax
 import numpy as np
 import pytest
@@ -138,21 +137,6 @@ def _ground_truth(data_flags: list[str]) -> dict:
     return json.loads((_data_dir(data_flags) / "instances_val.json").read_text())
 
 
-def _pycocotools(gt: dict, results_file: Path) -> np.ndarray:
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = gt
-        coco.createIndex()
-        ev = COCOeval(coco, coco.loadRes(str(results_file)), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return np.asarray(ev.stats)
-
-
 def _results_file(eval_dir: Path) -> Path:
     (path,) = eval_dir.glob("detections_*_results.json")
     return path
@@ -172,7 +156,9 @@ def _assert_metrics_file(eval_dir: Path, step: int | None, gt: dict) -> dict:
     assert set(COCO_METRIC_NAMES) <= set(metrics)
     assert set(metrics["per_class"]) == {"rectangle", "ellipse", "triangle"}
     assert metrics["num_images"] == NUM_VAL
-    np.testing.assert_array_equal(_numbers(metrics), _pycocotools(gt, _results_file(eval_dir)))
+    np.testing.assert_array_equal(
+        _numbers(metrics), coco_reference.stats(gt, _results_file(eval_dir))
+    )
     results = json.loads(_results_file(eval_dir).read_text())
     assert {r["image_id"] for r in results} == {im["id"] for im in gt["images"]}  # no padding
     return metrics
