@@ -326,26 +326,25 @@ class _Reader(threading.Thread):
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(size, 1))
         self.stopped = threading.Event()
 
-    def run(self) -> None:
-        try:
-            for item in self._dataset.as_numpy_iterator():
-                while not self.stopped.is_set():
-                    try:
-                        self.queue.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stopped.is_set():
-                    return
-            item = self._END
-        except Exception as e:  # re-raised in the consumer
-            item = e
+    def _put(self, item: Any) -> bool:
+        """Queue `item`, waiting for room until stopped; False once stopped."""
         while not self.stopped.is_set():
             try:
                 self.queue.put(item, timeout=0.2)
-                return
+                return True
             except queue.Full:
                 continue
+        return False
+
+    def run(self) -> None:
+        try:
+            for item in self._dataset.as_numpy_iterator():
+                if not self._put(item):
+                    return
+            last = self._END
+        except Exception as e:  # re-raised in the consumer
+            last = e
+        self._put(last)
 
     def next(self) -> Any:
         while True:
