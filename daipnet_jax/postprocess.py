@@ -6,6 +6,7 @@ max_detections best per image; fixed-size with a validity mask (docs/design.md, 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import jax
@@ -14,23 +15,22 @@ import jax.numpy as jnp
 from daipnet_jax import boxes as box_lib
 
 
-def _iou_row(box: jax.Array, others: jax.Array) -> jax.Array:
-    """IoU of box [..., 4] with others [..., k, 4] → [..., k] (same formula as `boxes.iou`)."""
-    lo = jnp.maximum(box[..., None, :2], others[..., :2])
-    hi = jnp.minimum(box[..., None, 2:], others[..., 2:])
-    wh = jnp.maximum(hi - lo, 0.0)
-    inter = wh[..., 0] * wh[..., 1]
-    area_b = (box[..., 2] - box[..., 0]) * (box[..., 3] - box[..., 1])
-    area_o = (others[..., 2] - others[..., 0]) * (others[..., 3] - others[..., 1])
-    union = area_b[..., None] + area_o - inter
-    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
-
-
-def greedy_nms(cand_boxes: jax.Array, valid: jax.Array, nms_iou: float, max_keep: int) -> jax.Array:
-    """Greedy NMS of cand_boxes [..., k, 4] (by descending score), valid [..., k] → keep [..., k]."""
-    # One while-loop step per kept box for all rows at once: ≤ max_keep steps, no k × k matrix.
-    k = cand_boxes.shape[-2]
-    ranks = jnp.arange(k)
+def greedy_nms(
+    boxes: jax.Array, scores: jax.Array, valid: jax.Array, nms_iou: float, max_keep: int
+) -> jax.Array:
+    """Greedy NMS of rows of boxes [..., w, 4], scores [..., w], valid [..., w] → the kept
+    positions [..., max_keep] in keeping order (-1: none). Score ties: lower position first.
+    IoU as `boxes.iou`."""
+    # One while-loop step per kept box for all rows at once: ≤ max_keep steps, no w × w matrix.
+    # Each step keeps the best alive candidate (max, then lowest position), so rows need not be
+    # sorted; coordinates are planes [4, ..., w] and chosen boxes masked maxima (vectorised on
+    # CPU, unlike gathers of [..., 4] rows).
+    w = boxes.shape[-2]
+    ranks = jnp.arange(w)
+    masked = jnp.where(valid, scores, -jnp.inf)
+    c = jnp.moveaxis(boxes, -1, 0)
+    area = (c[2] - c[0]) * (c[3] - c[1])
+    planes = jnp.concatenate([c, area[None]], 0)  # [5, ..., w]
 
     def cond(state: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
         step, alive, _ = state
@@ -39,16 +39,22 @@ def greedy_nms(cand_boxes: jax.Array, valid: jax.Array, nms_iou: float, max_keep
     def body(
         state: tuple[jax.Array, jax.Array, jax.Array],
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        step, alive, keep = state
-        first = jnp.argmax(alive, axis=-1)  # [...], the best alive candidate of each row
-        has = jnp.any(alive, axis=-1)
-        box = jnp.take_along_axis(cand_boxes, first[..., None, None], axis=-2)[..., 0, :]
-        chosen = (ranks == first[..., None]) & has[..., None]
-        over = _iou_row(box, cand_boxes) > nms_iou
-        return step + 1, alive & ~over & ~chosen, keep | chosen
+        step, alive, kept = state
+        s = jnp.where(alive, masked, -jnp.inf)
+        best = jnp.max(s, axis=-1, keepdims=True)
+        first = jnp.min(jnp.where(alive & (s == best), ranks, w), axis=-1)  # w: none alive
+        chosen = ranks == first[..., None]
+        b = jnp.max(jnp.where(chosen, planes, -jnp.inf), axis=-1, keepdims=True)  # [5, ..., 1]
+        wx = jnp.maximum(jnp.minimum(b[2], c[2]) - jnp.maximum(b[0], c[0]), 0.0)
+        wy = jnp.maximum(jnp.minimum(b[3], c[3]) - jnp.maximum(b[1], c[1]), 0.0)
+        inter = wx * wy
+        union = b[4] + area - inter
+        iou = jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+        kept = jax.lax.dynamic_update_index_in_dim(kept, jnp.where(first < w, first, -1), step, -1)
+        return step + 1, alive & ~(iou > nms_iou) & ~chosen, kept
 
-    init = (jnp.asarray(0), valid, jnp.zeros_like(valid))
-    return jax.lax.while_loop(cond, body, init)[2]
+    kept = jnp.full((*valid.shape[:-1], max_keep), -1, jnp.int32)
+    return jax.lax.while_loop(cond, body, (jnp.asarray(0), valid, kept))[2]
 
 
 # choice: width of the first, cheap pass of per-class candidates (see `detect`). Most classes of an
@@ -57,51 +63,33 @@ FIRST_PASS_K = 64
 # choice: when every image has at most P // ACTIVE_FRACTION priors with some class above the
 # threshold, candidates are selected among those priors only (see `detect`).
 ACTIVE_FRACTION = 4
+_WORD = 32  # priors per bit-packed mask word
 
 
-def _kept_slots(
-    keep: jax.Array, top_s: jax.Array, top_i: jax.Array, slots: int
-) -> tuple[jax.Array, jax.Array]:
-    """keep, top_s, top_i [R, w] → the first `slots` kept (scores [R, slots], -inf; indices)."""
-    w = keep.shape[-1]
-    if slots > w:
-        pad = ((0, 0), (0, slots - w))
-        keep, top_s, top_i = jnp.pad(keep, pad), jnp.pad(top_s, pad), jnp.pad(top_i, pad)
-        w = slots
-    # kept ranks get descending keys w, w-1, ...; the others 0: top_k returns kept ones in order
-    key = jnp.where(keep, (w - jnp.arange(w)).astype(jnp.float32), 0.0)
-    pos = jax.lax.top_k(key, slots)[1]
-    ok = jnp.take_along_axis(keep, pos, axis=-1)
-    scores = jnp.where(ok, jnp.take_along_axis(top_s, pos, axis=-1), -jnp.inf)
-    return scores, jnp.take_along_axis(top_i, pos, axis=-1)
+def _pack_mask(mask: jax.Array) -> jax.Array:
+    """mask [R, N] bool → words [R, ceil(N / 32)] uint32, bit j of word b = mask[:, 32·b + j]."""
+    n = mask.shape[-1]
+    nw = -(-n // _WORD)
+    bits = jnp.pad(mask, ((0, 0), (0, nw * _WORD - n))).reshape(-1, nw, _WORD).astype(jnp.uint32)
+    return jnp.sum(bits << jnp.arange(_WORD, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
 
 
-def _nms_rows(
-    rows: jax.Array,
-    rows_img: jax.Array,
-    decoded: jax.Array,
-    k: int,
-    score_threshold: float,
-    nms_iou: float,
-    slots: int,
-    skip_overflow: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """NMS of rows [R, P] (image rows_img [R]) over their k best priors, decoded [B, P, 4] →
-    (kept scores [R, slots], -inf = none; prior indices [R, slots]; k-th best score [R]).
-
-    `skip_overflow`: rows whose k-th candidate passes the threshold (redone wider) get no NMS.
-    """
-    top_s, top_i = jax.lax.top_k(rows, k)  # [R, k], descending
-    cand = decoded[rows_img[:, None], top_i]  # [R, k, 4]
-    valid = top_s > score_threshold
-    if skip_overflow:
-        valid &= ~valid[:, -1:]
-    keep = greedy_nms(cand, valid, nms_iou, slots)
-    kept_s, kept_i = _kept_slots(keep, top_s, top_i, slots)
-    # The k-th best score as a min (equal, top_s is sorted): XLA rewrites top_k followed by a
-    # slice of its last column into a full sort (50x slower on CPU), and an optimization_barrier
-    # around top_k aborts XLA's TopkDecomposer when the computation spans several devices.
-    return kept_s, kept_i, jnp.min(top_s, axis=-1)
+def _nth_set(words: jax.Array, cum: jax.Array, width: int) -> jax.Array:
+    """Positions [R, width] of the 1st..width-th set bits of each row of words [R, nw] (inclusive
+    popcount prefix sums cum [R, nw]); 32·nw where a row has fewer."""
+    q = jnp.arange(1, width + 1, dtype=cum.dtype)
+    b = jax.vmap(lambda c: jnp.searchsorted(c, q, side="left"))(cum)  # word holding the q-th bit
+    safe = jnp.minimum(b, cum.shape[-1] - 1)
+    w = jnp.take_along_axis(words, safe, axis=-1)
+    t = q - (
+        jnp.take_along_axis(cum, safe, axis=-1) - jax.lax.population_count(w).astype(cum.dtype)
+    )
+    # binary search: the lowest bit p with popcount(w & (2^(p+1) - 1)) >= t
+    p = jnp.zeros_like(t)
+    for step in (16, 8, 4, 2, 1):
+        low = w & ((jnp.uint32(1) << (p + step).astype(jnp.uint32)) - 1)
+        p = jnp.where(jax.lax.population_count(low).astype(t.dtype) < t, p + step, p)
+    return jnp.where(b < cum.shape[-1], b * _WORD + p, cum.shape[-1] * _WORD)
 
 
 def _per_class_nms(
@@ -112,59 +100,63 @@ def _per_class_nms(
     nms_iou: float,
     slots: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """fg [B, K, M], decoded [B, M, 4] → (kept scores [B·K, slots], indices into M), image-major."""
-    # Widening tiers FIRST_PASS_K, 4·FIRST_PASS_K, k (exact; docs/design.md, Post-processing).
+    """fg [B, K, M], decoded [B, M, 4] → (kept scores [B·K, slots], -inf = none; indices into
+    M), image-major, each row by descending score."""
+    # Candidates in widening tiers FIRST_PASS_K, 4·FIRST_PASS_K, k, read off a bit-packed mask in
+    # prior order; rows with more than k candidates take their k best by top_k (docs/design.md).
     num_b, num_k, num_m = fg.shape
     n_rows = num_b * num_k
-    widths = sorted({min(k, FIRST_PASS_K), min(k, 4 * FIRST_PASS_K), k})
     rows = fg.reshape(n_rows, num_m)  # [B·K, M]
     rows_img = jnp.arange(n_rows) // num_k
-    opts = dict(score_threshold=score_threshold, nms_iou=nms_iou, slots=slots)
-    kept_s, kept_i, last = _nms_rows(
-        rows,
-        rows_img,
-        decoded,
-        widths[0],
-        skip_overflow=len(widths) > 1,
-        **opts,  # type: ignore[arg-type]
-    )
-    for tier, width in enumerate(widths[1:], start=1):
-        over = last > score_threshold  # [B·K]: rows that may have more candidates
-        chunk = min(n_rows, max(8, n_rows // (4 * 4 ** (tier - 1))))
+    words = _pack_mask(rows > score_threshold)
+    cum = jnp.cumsum(jax.lax.population_count(words).astype(jnp.int32), axis=-1)
+    count = cum[:, -1]
+    widths = sorted({min(k, FIRST_PASS_K), min(k, 4 * FIRST_PASS_K), k})
+
+    def nms_rows(sel: jax.Array, width: int, top: bool) -> tuple[jax.Array, jax.Array]:
+        if top:  # more than k candidates: the k best (ties: lower prior)
+            s, pos = jax.lax.top_k(rows[sel], width)
+            valid = s > score_threshold
+        else:  # every candidate of the row, in prior order
+            pos = _nth_set(words[sel], cum[sel], width)
+            valid = (pos < num_m) & (count[sel] <= width)[:, None]  # wider rows: redone later
+            pos = jnp.minimum(pos, num_m - 1)
+            s = jnp.take_along_axis(rows[sel], pos, axis=-1)
+        kept = greedy_nms(decoded[rows_img[sel][:, None], pos], s, valid, nms_iou, slots)
+        ok = kept >= 0
+        kept = jnp.maximum(kept, 0)
+        kept_s = jnp.where(ok, jnp.take_along_axis(s, kept, axis=-1), -jnp.inf)
+        return kept_s, jnp.take_along_axis(pos, kept, axis=-1)
+
+    kept_s, kept_i = nms_rows(jnp.arange(n_rows), widths[0], False)
+    stages = [(w, lo, False) for lo, w in itertools.pairwise(widths)] + [(k, k, True)]
+    for tier, (width, lower, top) in enumerate(stages, start=1):
+        over = count > lower  # [B·K]: rows with more candidates than the earlier tiers took
+        chunk = min(n_rows, max(8, n_rows // 4**tier))
         over_rows = jnp.nonzero(over, size=n_rows + chunk, fill_value=n_rows)[0]
         n_over = jnp.sum(over)
-        skip = tier < len(widths) - 1
 
         def body(
-            state: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+            state: tuple[jax.Array, jax.Array, jax.Array],
             width: int = width,
             chunk: int = chunk,
             over_rows: jax.Array = over_rows,
-            skip: bool = skip,
-        ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-            j, kept_s, kept_i, last = state
+            top: bool = top,
+        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+            j, kept_s, kept_i = state
             idx = jax.lax.dynamic_slice_in_dim(over_rows, j, chunk)  # n_rows = padding
-            safe = jnp.minimum(idx, n_rows - 1)
-            s2, i2, last2 = _nms_rows(
-                rows[safe],
-                rows_img[safe],
-                decoded,
-                width,
-                skip_overflow=skip,
-                **opts,  # type: ignore[arg-type]
-            )
+            s2, i2 = nms_rows(jnp.minimum(idx, n_rows - 1), width, top)
             kept_s = kept_s.at[idx].set(s2, mode="drop")
             kept_i = kept_i.at[idx].set(i2, mode="drop")
-            last = last.at[idx].set(last2, mode="drop")
-            return j + chunk, kept_s, kept_i, last
+            return j + chunk, kept_s, kept_i
 
         def cond(
-            state: tuple[jax.Array, jax.Array, jax.Array, jax.Array], n_over: jax.Array = n_over
+            state: tuple[jax.Array, jax.Array, jax.Array], n_over: jax.Array = n_over
         ) -> jax.Array:
             return state[0] < n_over
 
-        init = (jnp.asarray(0, n_over.dtype), kept_s, kept_i, last)
-        _, kept_s, kept_i, last = jax.lax.while_loop(cond, body, init)
+        init = (jnp.asarray(0, n_over.dtype), kept_s, kept_i)
+        _, kept_s, kept_i = jax.lax.while_loop(cond, body, init)
     return kept_s, kept_i
 
 
