@@ -22,39 +22,44 @@ def greedy_nms(
     positions [..., max_keep] in keeping order (-1: none). Score ties: lower position first.
     IoU as `boxes.iou`."""
     # One while-loop step per kept box for all rows at once: ≤ max_keep steps, no w × w matrix.
-    # Each step keeps the best alive candidate (max, then lowest position), so rows need not be
-    # sorted; coordinates are planes [4, ..., w] and chosen boxes masked maxima (vectorised on
-    # CPU, unlike gathers of [..., 4] rows).
+    # Each step keeps the best alive candidate (max score, then lowest position), so rows need
+    # not be sorted. For XLA:CPU: float reductions only (its fast reduction path), coordinates
+    # as planes [5, ..., w] (x0, y0, x1, y1, area) gathered by index, a flag for the loop test.
     w = boxes.shape[-2]
-    ranks = jnp.arange(w)
-    masked = jnp.where(valid, scores, -jnp.inf)
+    lead = valid.shape[:-1]
+    ranks = jnp.arange(w, dtype=jnp.float32)
     c = jnp.moveaxis(boxes, -1, 0)
     area = (c[2] - c[0]) * (c[3] - c[1])
-    planes = jnp.concatenate([c, area[None]], 0)  # [5, ..., w]
+    planes = jnp.concatenate([c, area[None]], 0)
 
-    def cond(state: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
-        step, alive, _ = state
-        return (step < max_keep) & jnp.any(alive)
+    def cond(state: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        step, going, _, _ = state
+        return (step < max_keep) & going
 
     def body(
-        state: tuple[jax.Array, jax.Array, jax.Array],
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        step, alive, kept = state
-        s = jnp.where(alive, masked, -jnp.inf)
-        best = jnp.max(s, axis=-1, keepdims=True)
-        first = jnp.min(jnp.where(alive & (s == best), ranks, w), axis=-1)  # w: none alive
-        chosen = ranks == first[..., None]
-        b = jnp.max(jnp.where(chosen, planes, -jnp.inf), axis=-1, keepdims=True)  # [5, ..., 1]
+        state: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        step, _, alive, kept = state  # alive: scores, -inf once kept, suppressed or invalid
+        best = jnp.max(alive, axis=-1, keepdims=True)
+        pick = (alive == best) & (alive > -jnp.inf)
+        first_f = jnp.min(jnp.where(pick, ranks, float(w)), axis=-1)  # w: none alive
+        first = first_f.astype(jnp.int32)
+        has = first < w
+        at = jnp.broadcast_to(jnp.minimum(first, w - 1)[None, ..., None], (5, *lead, 1))
+        b = jnp.take_along_axis(planes, at, axis=-1)  # [5, ..., 1], the chosen boxes
         wx = jnp.maximum(jnp.minimum(b[2], c[2]) - jnp.maximum(b[0], c[0]), 0.0)
         wy = jnp.maximum(jnp.minimum(b[3], c[3]) - jnp.maximum(b[1], c[1]), 0.0)
         inter = wx * wy
         union = b[4] + area - inter
         iou = jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
-        kept = jax.lax.dynamic_update_index_in_dim(kept, jnp.where(first < w, first, -1), step, -1)
-        return step + 1, alive & ~(iou > nms_iou) & ~chosen, kept
+        dead = (iou > nms_iou) | (ranks == first_f[..., None])
+        kept = jax.lax.dynamic_update_index_in_dim(kept, jnp.where(has, first, -1), step, -1)
+        return step + 1, jnp.any(has), jnp.where(dead, -jnp.inf, alive), kept
 
-    kept = jnp.full((*valid.shape[:-1], max_keep), -1, jnp.int32)
-    return jax.lax.while_loop(cond, body, (jnp.asarray(0), valid, kept))[2]
+    alive = jnp.where(valid, scores, -jnp.inf)
+    kept = jnp.full((*lead, max_keep), -1, jnp.int32)
+    init = (jnp.asarray(0), jnp.asarray(True), alive, kept)
+    return jax.lax.while_loop(cond, body, init)[3]
 
 
 # choice: width of the first, cheap pass of per-class candidates (see `detect`). Most classes of an
@@ -67,11 +72,12 @@ _WORD = 32  # priors per bit-packed mask word
 
 
 def _pack_mask(mask: jax.Array) -> jax.Array:
-    """mask [R, N] bool → words [R, ceil(N / 32)] uint32, bit j of word b = mask[:, 32·b + j]."""
-    n = mask.shape[-1]
+    """mask [N, K] bool → words [K, ceil(N / 32)] uint32, bit j of word b = mask[32·b + j]."""
+    n, num_k = mask.shape
     nw = -(-n // _WORD)
-    bits = jnp.pad(mask, ((0, 0), (0, nw * _WORD - n))).reshape(-1, nw, _WORD).astype(jnp.uint32)
-    return jnp.sum(bits << jnp.arange(_WORD, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+    bits = jnp.pad(mask, ((0, nw * _WORD - n), (0, 0))).reshape(nw, _WORD, num_k)
+    shifted = bits.astype(jnp.uint32) << jnp.arange(_WORD, dtype=jnp.uint32)[:, None]
+    return jnp.sum(shifted, axis=1, dtype=jnp.uint32).T
 
 
 def _nth_set(words: jax.Array, cum: jax.Array, width: int) -> jax.Array:
@@ -93,36 +99,39 @@ def _nth_set(words: jax.Array, cum: jax.Array, width: int) -> jax.Array:
 
 
 def _per_class_nms(
-    fg: jax.Array,
+    scores: jax.Array,
+    words: jax.Array,
     decoded: jax.Array,
     k: int,
     score_threshold: float,
     nms_iou: float,
     slots: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """fg [B, K, M], decoded [B, M, 4] → (kept scores [B·K, slots], -inf = none; indices into
-    M), image-major, each row by descending score."""
-    # Candidates in widening tiers FIRST_PASS_K, 4·FIRST_PASS_K, k, read off a bit-packed mask in
-    # prior order; rows with more than k candidates take their k best by top_k (docs/design.md).
-    num_b, num_k, num_m = fg.shape
+    """scores [B, M, K], their candidate bits words [B, K, ceil(M / 32)] (`_pack_mask`), decoded
+    [B, M, 4] → (kept scores [B·K, slots], -inf = none; indices into M), image-major, each row
+    by descending score."""
+    # Candidates in widening tiers FIRST_PASS_K, 4·FIRST_PASS_K, k, read off the bit-packed mask
+    # in prior order; rows with more than k candidates take their k best by top_k (docs/design.md).
+    num_b, num_m, num_k = scores.shape
     n_rows = num_b * num_k
-    rows = fg.reshape(n_rows, num_m)  # [B·K, M]
+    words = words.reshape(n_rows, -1)
     rows_img = jnp.arange(n_rows) // num_k
-    words = _pack_mask(rows > score_threshold)
+    rows_cls = jnp.arange(n_rows) % num_k
     cum = jnp.cumsum(jax.lax.population_count(words).astype(jnp.int32), axis=-1)
     count = cum[:, -1]
     widths = sorted({min(k, FIRST_PASS_K), min(k, 4 * FIRST_PASS_K), k})
 
     def nms_rows(sel: jax.Array, width: int, top: bool) -> tuple[jax.Array, jax.Array]:
+        img, cls = rows_img[sel][:, None], rows_cls[sel][:, None]
         if top:  # more than k candidates: the k best (ties: lower prior)
-            s, pos = jax.lax.top_k(rows[sel], width)
+            s, pos = jax.lax.top_k(scores[img, jnp.arange(num_m), cls], width)
             valid = s > score_threshold
         else:  # every candidate of the row, in prior order
             pos = _nth_set(words[sel], cum[sel], width)
             valid = (pos < num_m) & (count[sel] <= width)[:, None]  # wider rows: redone later
             pos = jnp.minimum(pos, num_m - 1)
-            s = jnp.take_along_axis(rows[sel], pos, axis=-1)
-        kept = greedy_nms(decoded[rows_img[sel][:, None], pos], s, valid, nms_iou, slots)
+            s = scores[img, pos, cls]
+        kept = greedy_nms(decoded[img, pos], s, valid, nms_iou, slots)
         ok = kept >= 0
         kept = jnp.maximum(kept, 0)
         kept_s = jnp.where(ok, jnp.take_along_axis(s, kept, axis=-1), -jnp.inf)
@@ -187,41 +196,45 @@ def detect(
     opts = dict(score_threshold=score_threshold, nms_iou=nms_iou, slots=slots)
     decoded = box_lib.decode(loc, priors, variances)  # [B, P, 4]
 
-    def stats(lg: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        # softmax pieces of one image's logits [P, C]: max, sum of exp, best foreground score
-        m = lg.max(-1)
-        total = jnp.exp(lg - m[:, None]).sum(-1)
-        return m, total, jnp.exp(lg[:, 1:].max(-1) - m) / total
+    # Softmax statistics per prior over the whole batch (vmap: no per-image copies of the logits,
+    # which a lax.map makes on CPU): max, sum of exp, best foreground score.
+    fg_bias = jnp.where(jnp.arange(num_c) > 0, 0.0, -jnp.inf)  # a slice would be copied
+    fg_max = (logits + fg_bias).max(-1)
+    m = jnp.maximum(logits[..., 0], fg_max)  # = logits.max(-1), one pass fewer
+    total = jnp.exp(logits - m[..., None]).sum(-1)
+    best = jnp.exp(fg_max - m) / total  # [B, P]
 
-    def fg_rows(lg: jax.Array, m: jax.Array, total: jax.Array) -> jax.Array:
-        # foreground softmax scores, class-major: [N, C] logits → [K, N], as jax.nn.softmax
-        return (jnp.exp(lg[:, 1:] - m[:, None]) / total[:, None]).T
-
-    m, total, best = jax.lax.map(stats, logits)  # [B, P] each
+    def fg_scores(lg: jax.Array, m: jax.Array, total: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # foreground softmax scores [N, K] of logits [N, C] (as jax.nn.softmax), candidate bits
+        s = jnp.exp(lg[:, 1:] - m[:, None]) / total[:, None]
+        return s, _pack_mask(s > score_threshold)
 
     def on_all(_: None) -> tuple[jax.Array, jax.Array]:
-        rows = jax.lax.map(lambda a: fg_rows(*a), (logits, m, total))  # [B, K, P]
-        return _per_class_nms(rows, decoded, k, **opts)  # type: ignore[arg-type]
+        scores, words = jax.lax.map(lambda a: fg_scores(*a), (logits, m, total))
+        return _per_class_nms(scores, words, decoded, k, **opts)  # type: ignore[arg-type]
 
     num_active = num_p // ACTIVE_FRACTION
-    if min(k, FIRST_PASS_K) < num_active < num_p:
+    n_act = jnp.sum(best > score_threshold, axis=-1)  # [B]
+    if not min(k, FIRST_PASS_K) < num_active < num_p:
+        kept_s, kept_i = on_all(None)
+    else:
 
         def on_active(_: None) -> tuple[jax.Array, jax.Array]:
-            def gather(
-                a: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
-            ) -> tuple[jax.Array, jax.Array]:
-                lg, m_, t_, b_ = a
+            def active_scores(
+                lg: jax.Array, m_: jax.Array, t_: jax.Array, b_: jax.Array, n_: jax.Array
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
                 # the active priors in ascending prior order (keeps the tie rule), padded with
                 # prior 0 whose copies get score 0 (never candidates)
                 idx = jnp.nonzero(b_ > score_threshold, size=num_active, fill_value=0)[0]
-                rows = fg_rows(lg[idx], m_[idx], t_[idx])
-                real = jnp.arange(num_active) < jnp.sum(b_ > score_threshold)
-                return jnp.where(real[None, :], rows, 0.0), idx
+                s, _ = fg_scores(lg[idx], m_[idx], t_[idx])
+                s = jnp.where((jnp.arange(num_active) < n_)[:, None], s, 0.0)
+                return idx, s, _pack_mask(s > score_threshold)
 
-            rows, active = jax.lax.map(gather, (logits, m, total, best))  # [B, K, M], [B, M]
+            active, scores, words = jax.vmap(active_scores)(logits, m, total, best, n_act)
             sub_boxes = jnp.take_along_axis(decoded, active[..., None], axis=1)
             kept_s, kept_j = _per_class_nms(
-                rows,
+                scores,
+                words,
                 sub_boxes,
                 min(k, num_active),
                 **opts,  # type: ignore[arg-type]
@@ -229,10 +242,7 @@ def detect(
             rows_img = jnp.arange(num_b * num_k) // num_k
             return kept_s, active[rows_img[:, None], kept_j]
 
-        fits = jnp.max(jnp.sum(best > score_threshold, axis=-1)) <= num_active
-        kept_s, kept_i = jax.lax.cond(fits, on_active, on_all, None)
-    else:
-        kept_s, kept_i = on_all(None)
+        kept_s, kept_i = jax.lax.cond(jnp.max(n_act) <= num_active, on_active, on_all, None)
 
     flat_s = kept_s.reshape(num_b, num_k * slots)  # class-major, then rank
     flat_i = kept_i.reshape(num_b, num_k * slots)
