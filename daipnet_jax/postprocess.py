@@ -6,6 +6,7 @@ max_detections best per image; fixed-size with a validity mask (docs/design.md, 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import jax
@@ -14,41 +15,51 @@ import jax.numpy as jnp
 from daipnet_jax import boxes as box_lib
 
 
-def _iou_row(box: jax.Array, others: jax.Array) -> jax.Array:
-    """IoU of box [..., 4] with others [..., k, 4] → [..., k] (same formula as `boxes.iou`)."""
-    lo = jnp.maximum(box[..., None, :2], others[..., :2])
-    hi = jnp.minimum(box[..., None, 2:], others[..., 2:])
-    wh = jnp.maximum(hi - lo, 0.0)
-    inter = wh[..., 0] * wh[..., 1]
-    area_b = (box[..., 2] - box[..., 0]) * (box[..., 3] - box[..., 1])
-    area_o = (others[..., 2] - others[..., 0]) * (others[..., 3] - others[..., 1])
-    union = area_b[..., None] + area_o - inter
-    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+def greedy_nms(
+    boxes: jax.Array, scores: jax.Array, valid: jax.Array, nms_iou: float, max_keep: int
+) -> jax.Array:
+    """Greedy NMS of rows of boxes [..., w, 4], scores [..., w], valid [..., w] → the kept
+    positions [..., max_keep] in keeping order (-1: none). Score ties: lower position first.
+    IoU as `boxes.iou`."""
+    # One while-loop step per kept box for all rows at once: ≤ max_keep steps, no w × w matrix.
+    # Each step keeps the best alive candidate (max score, then lowest position), so rows need
+    # not be sorted. For XLA:CPU: float reductions only (its fast reduction path), coordinates
+    # as planes [5, ..., w] (x0, y0, x1, y1, area) gathered by index, a flag for the loop test.
+    w = boxes.shape[-2]
+    lead = valid.shape[:-1]
+    ranks = jnp.arange(w, dtype=jnp.float32)
+    c = jnp.moveaxis(boxes, -1, 0)
+    area = (c[2] - c[0]) * (c[3] - c[1])
+    planes = jnp.concatenate([c, area[None]], 0)
 
-
-def greedy_nms(cand_boxes: jax.Array, valid: jax.Array, nms_iou: float, max_keep: int) -> jax.Array:
-    """Greedy NMS of cand_boxes [..., k, 4] (by descending score), valid [..., k] → keep [..., k]."""
-    # One while-loop step per kept box for all rows at once: ≤ max_keep steps, no k × k matrix.
-    k = cand_boxes.shape[-2]
-    ranks = jnp.arange(k)
-
-    def cond(state: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
-        step, alive, _ = state
-        return (step < max_keep) & jnp.any(alive)
+    def cond(state: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        step, going, _, _ = state
+        return (step < max_keep) & going
 
     def body(
-        state: tuple[jax.Array, jax.Array, jax.Array],
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        step, alive, keep = state
-        first = jnp.argmax(alive, axis=-1)  # [...], the best alive candidate of each row
-        has = jnp.any(alive, axis=-1)
-        box = jnp.take_along_axis(cand_boxes, first[..., None, None], axis=-2)[..., 0, :]
-        chosen = (ranks == first[..., None]) & has[..., None]
-        over = _iou_row(box, cand_boxes) > nms_iou
-        return step + 1, alive & ~over & ~chosen, keep | chosen
+        state: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        step, _, alive, kept = state  # alive: scores, -inf once kept, suppressed or invalid
+        best = jnp.max(alive, axis=-1, keepdims=True)
+        pick = (alive == best) & (alive > -jnp.inf)
+        first_f = jnp.min(jnp.where(pick, ranks, float(w)), axis=-1)  # w: none alive
+        first = first_f.astype(jnp.int32)
+        has = first < w
+        at = jnp.broadcast_to(jnp.minimum(first, w - 1)[None, ..., None], (5, *lead, 1))
+        b = jnp.take_along_axis(planes, at, axis=-1)  # [5, ..., 1], the chosen boxes
+        wx = jnp.maximum(jnp.minimum(b[2], c[2]) - jnp.maximum(b[0], c[0]), 0.0)
+        wy = jnp.maximum(jnp.minimum(b[3], c[3]) - jnp.maximum(b[1], c[1]), 0.0)
+        inter = wx * wy
+        union = b[4] + area - inter
+        iou = jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+        dead = (iou > nms_iou) | (ranks == first_f[..., None])
+        kept = jax.lax.dynamic_update_index_in_dim(kept, jnp.where(has, first, -1), step, -1)
+        return step + 1, jnp.any(has), jnp.where(dead, -jnp.inf, alive), kept
 
-    init = (jnp.asarray(0), valid, jnp.zeros_like(valid))
-    return jax.lax.while_loop(cond, body, init)[2]
+    alive = jnp.where(valid, scores, -jnp.inf)
+    kept = jnp.full((*lead, max_keep), -1, jnp.int32)
+    init = (jnp.asarray(0), jnp.asarray(True), alive, kept)
+    return jax.lax.while_loop(cond, body, init)[3]
 
 
 # choice: width of the first, cheap pass of per-class candidates (see `detect`). Most classes of an
@@ -57,114 +68,104 @@ FIRST_PASS_K = 64
 # choice: when every image has at most P // ACTIVE_FRACTION priors with some class above the
 # threshold, candidates are selected among those priors only (see `detect`).
 ACTIVE_FRACTION = 4
+_WORD = 32  # priors per bit-packed mask word
 
 
-def _kept_slots(
-    keep: jax.Array, top_s: jax.Array, top_i: jax.Array, slots: int
-) -> tuple[jax.Array, jax.Array]:
-    """keep, top_s, top_i [R, w] → the first `slots` kept (scores [R, slots], -inf; indices)."""
-    w = keep.shape[-1]
-    if slots > w:
-        pad = ((0, 0), (0, slots - w))
-        keep, top_s, top_i = jnp.pad(keep, pad), jnp.pad(top_s, pad), jnp.pad(top_i, pad)
-        w = slots
-    # kept ranks get descending keys w, w-1, ...; the others 0: top_k returns kept ones in order
-    key = jnp.where(keep, (w - jnp.arange(w)).astype(jnp.float32), 0.0)
-    pos = jax.lax.top_k(key, slots)[1]
-    ok = jnp.take_along_axis(keep, pos, axis=-1)
-    scores = jnp.where(ok, jnp.take_along_axis(top_s, pos, axis=-1), -jnp.inf)
-    return scores, jnp.take_along_axis(top_i, pos, axis=-1)
+def _pack_mask(mask: jax.Array) -> jax.Array:
+    """mask [N, K] bool → words [K, ceil(N / 32)] uint32, bit j of word b = mask[32·b + j]."""
+    n, num_k = mask.shape
+    nw = -(-n // _WORD)
+    bits = jnp.pad(mask, ((0, nw * _WORD - n), (0, 0))).reshape(nw, _WORD, num_k)
+    shifted = bits.astype(jnp.uint32) << jnp.arange(_WORD, dtype=jnp.uint32)[:, None]
+    return jnp.sum(shifted, axis=1, dtype=jnp.uint32).T
 
 
-def _nms_rows(
-    rows: jax.Array,
-    rows_img: jax.Array,
-    decoded: jax.Array,
-    k: int,
-    score_threshold: float,
-    nms_iou: float,
-    slots: int,
-    skip_overflow: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """NMS of rows [R, P] (image rows_img [R]) over their k best priors, decoded [B, P, 4] →
-    (kept scores [R, slots], -inf = none; prior indices [R, slots]; k-th best score [R]).
-
-    `skip_overflow`: rows whose k-th candidate passes the threshold (redone wider) get no NMS.
-    """
-    top_s, top_i = jax.lax.top_k(rows, k)  # [R, k], descending
-    cand = decoded[rows_img[:, None], top_i]  # [R, k, 4]
-    valid = top_s > score_threshold
-    if skip_overflow:
-        valid &= ~valid[:, -1:]
-    keep = greedy_nms(cand, valid, nms_iou, slots)
-    kept_s, kept_i = _kept_slots(keep, top_s, top_i, slots)
-    # The k-th best score as a min (equal, top_s is sorted): XLA rewrites top_k followed by a
-    # slice of its last column into a full sort (50x slower on CPU), and an optimization_barrier
-    # around top_k aborts XLA's TopkDecomposer when the computation spans several devices.
-    return kept_s, kept_i, jnp.min(top_s, axis=-1)
+def _nth_set(words: jax.Array, cum: jax.Array, width: int) -> jax.Array:
+    """Positions [R, width] of the 1st..width-th set bits of each row of words [R, nw] (inclusive
+    popcount prefix sums cum [R, nw]); 32·nw where a row has fewer."""
+    q = jnp.arange(1, width + 1, dtype=cum.dtype)
+    b = jax.vmap(lambda c: jnp.searchsorted(c, q, side="left"))(cum)  # word holding the q-th bit
+    safe = jnp.minimum(b, cum.shape[-1] - 1)
+    w = jnp.take_along_axis(words, safe, axis=-1)
+    t = q - (
+        jnp.take_along_axis(cum, safe, axis=-1) - jax.lax.population_count(w).astype(cum.dtype)
+    )
+    # binary search: the lowest bit p with popcount(w & (2^(p+1) - 1)) >= t
+    p = jnp.zeros_like(t)
+    for step in (16, 8, 4, 2, 1):
+        low = w & ((jnp.uint32(1) << (p + step).astype(jnp.uint32)) - 1)
+        p = jnp.where(jax.lax.population_count(low).astype(t.dtype) < t, p + step, p)
+    return jnp.where(b < cum.shape[-1], b * _WORD + p, cum.shape[-1] * _WORD)
 
 
 def _per_class_nms(
-    fg: jax.Array,
+    scores: jax.Array,
+    words: jax.Array,
     decoded: jax.Array,
     k: int,
     score_threshold: float,
     nms_iou: float,
     slots: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """fg [B, K, M], decoded [B, M, 4] → (kept scores [B·K, slots], indices into M), image-major."""
-    # Widening tiers FIRST_PASS_K, 4·FIRST_PASS_K, k (exact; docs/design.md, Post-processing).
-    num_b, num_k, num_m = fg.shape
+    """scores [B, M, K], their candidate bits words [B, K, ceil(M / 32)] (`_pack_mask`), decoded
+    [B, M, 4] → (kept scores [B·K, slots], -inf = none; indices into M), image-major, each row
+    by descending score."""
+    # Candidates in widening tiers FIRST_PASS_K, 4·FIRST_PASS_K, k, read off the bit-packed mask
+    # in prior order; rows with more than k candidates take their k best by top_k (docs/design.md).
+    num_b, num_m, num_k = scores.shape
     n_rows = num_b * num_k
-    widths = sorted({min(k, FIRST_PASS_K), min(k, 4 * FIRST_PASS_K), k})
-    rows = fg.reshape(n_rows, num_m)  # [B·K, M]
+    words = words.reshape(n_rows, -1)
     rows_img = jnp.arange(n_rows) // num_k
-    opts = dict(score_threshold=score_threshold, nms_iou=nms_iou, slots=slots)
-    kept_s, kept_i, last = _nms_rows(
-        rows,
-        rows_img,
-        decoded,
-        widths[0],
-        skip_overflow=len(widths) > 1,
-        **opts,  # type: ignore[arg-type]
-    )
-    for tier, width in enumerate(widths[1:], start=1):
-        over = last > score_threshold  # [B·K]: rows that may have more candidates
-        chunk = min(n_rows, max(8, n_rows // (4 * 4 ** (tier - 1))))
+    rows_cls = jnp.arange(n_rows) % num_k
+    cum = jnp.cumsum(jax.lax.population_count(words).astype(jnp.int32), axis=-1)
+    count = cum[:, -1]
+    widths = sorted({min(k, FIRST_PASS_K), min(k, 4 * FIRST_PASS_K), k})
+
+    def nms_rows(sel: jax.Array, width: int, top: bool) -> tuple[jax.Array, jax.Array]:
+        img, cls = rows_img[sel][:, None], rows_cls[sel][:, None]
+        if top:  # more than k candidates: the k best (ties: lower prior)
+            s, pos = jax.lax.top_k(scores[img, jnp.arange(num_m), cls], width)
+            valid = s > score_threshold
+        else:  # every candidate of the row, in prior order
+            pos = _nth_set(words[sel], cum[sel], width)
+            valid = (pos < num_m) & (count[sel] <= width)[:, None]  # wider rows: redone later
+            pos = jnp.minimum(pos, num_m - 1)
+            s = scores[img, pos, cls]
+        kept = greedy_nms(decoded[img, pos], s, valid, nms_iou, slots)
+        ok = kept >= 0
+        kept = jnp.maximum(kept, 0)
+        kept_s = jnp.where(ok, jnp.take_along_axis(s, kept, axis=-1), -jnp.inf)
+        return kept_s, jnp.take_along_axis(pos, kept, axis=-1)
+
+    kept_s, kept_i = nms_rows(jnp.arange(n_rows), widths[0], False)
+    stages = [(w, lo, False) for lo, w in itertools.pairwise(widths)] + [(k, k, True)]
+    for tier, (width, lower, top) in enumerate(stages, start=1):
+        over = count > lower  # [B·K]: rows with more candidates than the earlier tiers took
+        chunk = min(n_rows, max(8, n_rows // 4**tier))
         over_rows = jnp.nonzero(over, size=n_rows + chunk, fill_value=n_rows)[0]
         n_over = jnp.sum(over)
-        skip = tier < len(widths) - 1
 
         def body(
-            state: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+            state: tuple[jax.Array, jax.Array, jax.Array],
             width: int = width,
             chunk: int = chunk,
             over_rows: jax.Array = over_rows,
-            skip: bool = skip,
-        ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-            j, kept_s, kept_i, last = state
+            top: bool = top,
+        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+            j, kept_s, kept_i = state
             idx = jax.lax.dynamic_slice_in_dim(over_rows, j, chunk)  # n_rows = padding
-            safe = jnp.minimum(idx, n_rows - 1)
-            s2, i2, last2 = _nms_rows(
-                rows[safe],
-                rows_img[safe],
-                decoded,
-                width,
-                skip_overflow=skip,
-                **opts,  # type: ignore[arg-type]
-            )
+            s2, i2 = nms_rows(jnp.minimum(idx, n_rows - 1), width, top)
             kept_s = kept_s.at[idx].set(s2, mode="drop")
             kept_i = kept_i.at[idx].set(i2, mode="drop")
-            last = last.at[idx].set(last2, mode="drop")
-            return j + chunk, kept_s, kept_i, last
+            return j + chunk, kept_s, kept_i
 
         def cond(
-            state: tuple[jax.Array, jax.Array, jax.Array, jax.Array], n_over: jax.Array = n_over
+            state: tuple[jax.Array, jax.Array, jax.Array], n_over: jax.Array = n_over
         ) -> jax.Array:
             return state[0] < n_over
 
-        init = (jnp.asarray(0, n_over.dtype), kept_s, kept_i, last)
-        _, kept_s, kept_i, last = jax.lax.while_loop(cond, body, init)
+        init = (jnp.asarray(0, n_over.dtype), kept_s, kept_i)
+        _, kept_s, kept_i = jax.lax.while_loop(cond, body, init)
     return kept_s, kept_i
 
 
@@ -195,41 +196,53 @@ def detect(
     opts = dict(score_threshold=score_threshold, nms_iou=nms_iou, slots=slots)
     decoded = box_lib.decode(loc, priors, variances)  # [B, P, 4]
 
-    def stats(lg: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        # softmax pieces of one image's logits [P, C]: max, sum of exp, best foreground score
-        m = lg.max(-1)
-        total = jnp.exp(lg - m[:, None]).sum(-1)
-        return m, total, jnp.exp(lg[:, 1:].max(-1) - m) / total
+    # Softmax statistics per prior over the whole batch (vmap: no per-image copies of the logits,
+    # which a lax.map makes on CPU): max, sum of exp, best foreground score.
+    fg_bias = jnp.where(jnp.arange(num_c) > 0, 0.0, -jnp.inf)  # a slice would be copied
+    fg_max = (logits + fg_bias).max(-1)
+    m = jnp.maximum(logits[..., 0], fg_max)  # = logits.max(-1), one pass fewer
+    total = jnp.exp(logits - m[..., None]).sum(-1)
+    best = jnp.exp(fg_max - m) / total  # [B, P]
 
-    def fg_rows(lg: jax.Array, m: jax.Array, total: jax.Array) -> jax.Array:
-        # foreground softmax scores, class-major: [N, C] logits → [K, N], as jax.nn.softmax
-        return (jnp.exp(lg[:, 1:] - m[:, None]) / total[:, None]).T
-
-    m, total, best = jax.lax.map(stats, logits)  # [B, P] each
+    def fg_scores(lg: jax.Array, m: jax.Array, total: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # foreground softmax scores [N, K] of logits [N, C] (as jax.nn.softmax), candidate bits
+        s = jnp.exp(lg[:, 1:] - m[:, None]) / total[:, None]
+        return s, _pack_mask(s > score_threshold)
 
     def on_all(_: None) -> tuple[jax.Array, jax.Array]:
-        rows = jax.lax.map(lambda a: fg_rows(*a), (logits, m, total))  # [B, K, P]
-        return _per_class_nms(rows, decoded, k, **opts)  # type: ignore[arg-type]
+        # One image at a time: the scores of all priors of a batch would be a temporary large
+        # enough (> 32 MB at batch 8) for malloc to map fresh pages on every call (page faults
+        # on every write, about 2x slower).
+        def one(a: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
+            lg, m_, t_, boxes = a
+            scores, words = fg_scores(lg, m_, t_)
+            return _per_class_nms(scores[None], words[None], boxes[None], k, **opts)  # type: ignore[arg-type]
+
+        kept_s, kept_i = jax.lax.map(one, (logits, m, total, decoded))  # [B, K, slots]
+        return kept_s.reshape(num_b * num_k, -1), kept_i.reshape(num_b * num_k, -1)
 
     num_active = num_p // ACTIVE_FRACTION
-    if min(k, FIRST_PASS_K) < num_active < num_p:
+    n_act = jnp.sum(best > score_threshold, axis=-1)  # [B]
+    if not min(k, FIRST_PASS_K) < num_active < num_p:
+        kept_s, kept_i = on_all(None)
+    else:
 
         def on_active(_: None) -> tuple[jax.Array, jax.Array]:
-            def gather(
-                a: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
-            ) -> tuple[jax.Array, jax.Array]:
-                lg, m_, t_, b_ = a
+            def active_scores(
+                lg: jax.Array, m_: jax.Array, t_: jax.Array, b_: jax.Array, n_: jax.Array
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
                 # the active priors in ascending prior order (keeps the tie rule), padded with
                 # prior 0 whose copies get score 0 (never candidates)
                 idx = jnp.nonzero(b_ > score_threshold, size=num_active, fill_value=0)[0]
-                rows = fg_rows(lg[idx], m_[idx], t_[idx])
-                real = jnp.arange(num_active) < jnp.sum(b_ > score_threshold)
-                return jnp.where(real[None, :], rows, 0.0), idx
+                s, _ = fg_scores(lg[idx], m_[idx], t_[idx])
+                s = jnp.where((jnp.arange(num_active) < n_)[:, None], s, 0.0)
+                return idx, s, _pack_mask(s > score_threshold)
 
-            rows, active = jax.lax.map(gather, (logits, m, total, best))  # [B, K, M], [B, M]
+            active, scores, words = jax.vmap(active_scores)(logits, m, total, best, n_act)
             sub_boxes = jnp.take_along_axis(decoded, active[..., None], axis=1)
             kept_s, kept_j = _per_class_nms(
-                rows,
+                scores,
+                words,
                 sub_boxes,
                 min(k, num_active),
                 **opts,  # type: ignore[arg-type]
@@ -237,10 +250,7 @@ def detect(
             rows_img = jnp.arange(num_b * num_k) // num_k
             return kept_s, active[rows_img[:, None], kept_j]
 
-        fits = jnp.max(jnp.sum(best > score_threshold, axis=-1)) <= num_active
-        kept_s, kept_i = jax.lax.cond(fits, on_active, on_all, None)
-    else:
-        kept_s, kept_i = on_all(None)
+        kept_s, kept_i = jax.lax.cond(jnp.max(n_act) <= num_active, on_active, on_all, None)
 
     flat_s = kept_s.reshape(num_b, num_k * slots)  # class-major, then rank
     flat_i = kept_i.reshape(num_b, num_k * slots)
