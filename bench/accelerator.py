@@ -12,10 +12,11 @@ the batch search):
    batch 32, float32 and bfloat16 (`model.dtype`), for DAIPNet300, LRF300, SSD300, DAIPNet512.
 2. Train step (`training.step.make_train_step`: matching, train-mode forward, MultiBox loss,
    gradient, SGD update) at batch 32, float32 and bfloat16, DAIPNet300 and LRF300; images/s and
-   model FLOPs utilisation = XLA's cost-analysis FLOPs of the step lowered for the CPU (`cpu_flops`) / step time / the
-   device's dense peak (`PEAKS`; "n/a" for an unknown device). float32 is compared with the
-   TF32 peak at JAX's default matmul precision (XLA GPU runs float32 convolutions and dots on
-   TF32 tensor cores then), with the float32 peak under `jax_default_matmul_precision=highest`.
+   model FLOPs utilisation = XLA's cost-analysis FLOPs of the step lowered for the CPU
+   (`cpu_flops`) / step time / the device's dense peak (`PEAKS`; "n/a" for an unknown device).
+   float32 is compared with the TF32 peak at JAX's default matmul precision (XLA GPU runs
+   float32 convolutions and dots on TF32 tensor cores then), with the float32 peak under
+   `jax_default_matmul_precision=highest`.
 3. PyTorch LRF300 (the tests' reference model, `tests/torch_reference.py`): eager,
    channels_last, autocast bfloat16 on CUDA (float32 on CPU); forward at batch 1 and 32 and the
    train step at batch 32 (same MultiBox loss as `bench/train_step.py`, SGD momentum): the ratio
@@ -27,8 +28,9 @@ the batch search):
     python bench/accelerator.py                 # full sizes (one GPU: < 8 minutes)
     python bench/accelerator.py --quick         # width 0.0625, batch 2, DAIPNet300 only, bf16
                                                 # train step, no batch search: a CPU smoke test
-    python bench/accelerator.py --profile_dir /tmp/prof   # also: device time per XLA op of
-                                                # the DAIPNet300 bf16 train step
+    python bench/accelerator.py --profile_dir /tmp/prof   # also: device time per kernel of
+                                                # DAIPNet300 bf16 (10 batch-1 forwards, 3 steps)
+    python bench/accelerator.py --only "forward daipnet300"   # a subset of the sections
     make bench-accel
 
 JAX is limited to 70 % of the accelerator's memory (`XLA_PYTHON_CLIENT_MEM_FRACTION`), leaving
