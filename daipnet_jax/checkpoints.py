@@ -272,6 +272,7 @@ def load_variables_and_step(
         raise CheckpointError(f"checkpoint path {str(path)!r} is a file; expected a directory")
     if not os.access(p, os.R_OK | os.X_OK):
         raise CheckpointError(f"checkpoint path {str(path)!r} is not readable")
+    _drop_closed_loop_noise()  # before any read: a failing orbax read may print it at once
     if not _is_training_dir(p):
         if step is not None:
             raise CheckpointError(f"a step was given but {str(path)!r} is not a training workdir")
@@ -280,7 +281,6 @@ def load_variables_and_step(
         except FileNotFoundError as e:
             raise CheckpointError(f"no checkpoint found at {str(path)!r}: {_first_line(e)}") from e
         except Exception as e:  # orbax raises assorted errors on non-checkpoint folders
-            _drop_closed_loop_noise()
             raise CheckpointError(
                 f"cannot read an orbax checkpoint at {str(path)!r}: {_first_line(e)}"
             ) from e
@@ -289,28 +289,21 @@ def load_variables_and_step(
     steps = saved_steps(directory)
     if not steps:
         raise CheckpointError(f"no checkpoint in {directory}")
-    if step is not None:
-        if int(step) not in steps:
-            raise CheckpointError(
-                f"no step {step} in {directory}; saved steps: {', '.join(map(str, steps))}"
-            )
-        try:
-            return _variables_of(_read_tree(directory / str(step) / STATE_ITEM), path), step
-        except CheckpointError:
-            raise
-        except Exception as e:
-            _drop_closed_loop_noise()
-            raise CheckpointError(
-                f"checkpoint {directory}/{step} does not restore: {_first_line(e)}"
-            ) from e
-    _drop_closed_loop_noise()
-    for s in reversed(steps):
+    if step is not None and int(step) not in steps:
+        raise CheckpointError(
+            f"no step {step} in {directory}; saved steps: {', '.join(map(str, steps))}"
+        )
+    # the step asked for, else the newest that restores
+    for s in [int(step)] if step is not None else reversed(steps):
         try:
             return _variables_of(_read_tree(directory / str(s) / STATE_ITEM), path), s
         except CheckpointError:
             raise
         except Exception as e:
-            _drop_closed_loop_noise()
+            if step is not None:
+                raise CheckpointError(
+                    f"checkpoint {directory}/{s} does not restore: {_first_line(e)}"
+                ) from e
             unreadable_warning(directory, s, e, "trying the previous step")
     raise CheckpointError(f"none of the steps {', '.join(map(str, steps))} in {directory} restores")
 
