@@ -57,8 +57,7 @@ def main(argv: list[str]) -> None:
     source = FLAGS.checkpoint or FLAGS.workdir
     out_dir = FLAGS.workdir or FLAGS.checkpoint
     for d in (FLAGS.checkpoint, FLAGS.workdir):  # the model must be the trained one
-        if d and checkpoints.saved_config_path(d).is_file():
-            cli.check_config(config, d, "eval")
+        if d and checkpoints.check_saved_config(d, config, "eval") is not None:
             break
     if FLAGS.max_images < 0:
         cli.fail(f"--max_images: {FLAGS.max_images} must be >= 0 (0: every image)")

@@ -48,12 +48,12 @@ def flag_value(argv: Sequence[str], name: str) -> str | None:
     return value
 
 
-def config_argv(argv: Sequence[str], dir_flags: Sequence[str]) -> tuple[list[str], str | None]:
-    """(`argv` with a `--config` from the saved config when none is given, the directory the
-    config was saved in or None). The caller checks a given `--config` against the saved one."""
+def config_argv(argv: Sequence[str], dir_flags: Sequence[str]) -> list[str]:
+    """`argv` with a `--config` from the saved config when none is given. The caller checks a
+    given `--config` against the saved one."""
     argv = list(argv)
     if flag_value(argv, "config") is not None:
-        return argv, None
+        return argv
     from daipnet_jax import checkpoints
 
     for name in dir_flags:
@@ -61,7 +61,7 @@ def config_argv(argv: Sequence[str], dir_flags: Sequence[str]) -> tuple[list[str
         if d:
             file = checkpoints.saved_config_path(d)
             if file.is_file():
-                return [argv[0], f"--config={SAVED_CONFIG}:{file}", *argv[1:]], str(file.parent)
+                return [argv[0], f"--config={SAVED_CONFIG}:{file}", *argv[1:]]
     given = [f"--{n} {flag_value(argv, n)}" for n in dir_flags if flag_value(argv, n)]
     where = f" ({', '.join(given)} has no {checkpoints.CONFIG_FILE})" if given else ""
     fail(f"--config is required{where}; e.g. --config configs/generated.py:daipnet300")
@@ -123,24 +123,10 @@ def run(
     argv: Sequence[str] | None = None,
 ) -> None:
     """`absl.app.run(main)` with the saved config as the default `--config` (from the first
-    given flag of `dir_flags`) and one-line errors. `SAVED_FROM` holds the folder whose config
-    was used (None when `--config` was given)."""
+    given flag of `dir_flags`) and one-line errors."""
     from absl import app
 
-    global SAVED_FROM
     args = list(sys.argv if argv is None else argv)
     if dir_flags:
-        args, SAVED_FROM = config_argv(args, dir_flags)
+        args = config_argv(args, dir_flags)
     app.run(lambda a: call(main, a), argv=args, flags_parser=parse_flags)
-
-
-SAVED_FROM: str | None = None
-
-
-def check_config(config: Any, directory: str | None, purpose: str) -> None:
-    """Refuse `config` when it conflicts with the config saved in `directory` (see
-    `config.conflicting_keys`); nothing when `directory` has none."""
-    if directory:
-        from daipnet_jax import checkpoints
-
-        checkpoints.check_saved_config(directory, config, purpose)

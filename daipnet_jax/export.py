@@ -199,7 +199,7 @@ def main(argv: Sequence[str]) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from daipnet_jax import checkpoints, cli
+    from daipnet_jax import checkpoints
 
     FLAGS = flags.FLAGS
     config = FLAGS.config
@@ -208,7 +208,7 @@ def main(argv: Sequence[str]) -> None:
             "--checkpoint is required (a training workdir or a converted checkpoint)"
         )
     # The model must be the trained one (`--config.model.*` overrides included).
-    cli.check_config(config, str(checkpoints.saved_config_path(FLAGS.checkpoint).parent), "eval")
+    checkpoints.check_saved_config(FLAGS.checkpoint, config, "eval")
     variables = restore_variables(config, FLAGS.checkpoint, FLAGS.step)
     path = export_saved_model(config, variables, FLAGS.out, batch_size=FLAGS.batch_size)
     print(f"SavedModel written to {path} (signatures: serving_default, serve_single, label_map)")

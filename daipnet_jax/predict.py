@@ -401,12 +401,12 @@ def predict_files(
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
-    from daipnet_jax.checkpoints import restore_variables
+    from daipnet_jax.checkpoints import check_saved_config, restore_variables
 
     FLAGS = flags.FLAGS
     config = FLAGS.config
     if FLAGS.checkpoint:  # the model must be the trained one (`--config.model.*` included)
-        cli.check_config(config, str(checkpoint_config_dir(FLAGS.checkpoint)), "eval")
+        check_saved_config(FLAGS.checkpoint, config, "eval")
     out = Path(FLAGS.out).resolve()
     paths = [
         p
@@ -451,13 +451,6 @@ def _define_flags() -> None:
     flags.DEFINE_string("classes", "", "comma-separated class names to keep (default: all)")
     flags.DEFINE_boolean("recursive", False, "also read the images of sub-folders")
     flags.DEFINE_integer("batch_size", 0, "images per forward pass (0: train.eval_batch_size)")
-
-
-def checkpoint_config_dir(checkpoint: str) -> Path:
-    """The folder whose `config.json` describes `checkpoint` (a workdir or a folder in it)."""
-    from daipnet_jax import checkpoints
-
-    return checkpoints.saved_config_path(checkpoint).parent
 
 
 def run(argv: Sequence[str] | None = None) -> None:
