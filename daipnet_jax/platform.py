@@ -69,10 +69,15 @@ def setup(*, compilation_cache: bool = False) -> None:
 def accelerator_requested(environ: MutableMapping[str, str] | None = None) -> bool:
     """True unless CPU-only: `JAX_PLATFORMS` if set, else any installed accelerator plugin."""
     env = os.environ if environ is None else environ
-    platforms = [p.strip() for p in env.get("JAX_PLATFORMS", "").lower().split(",") if p.strip()]
+    platforms = _platforms(env)
     if platforms:
         return any(p != "cpu" for p in platforms)
     return bool(_plugin_names()) or importlib.util.find_spec("libtpu") is not None
+
+
+def _platforms(env: MutableMapping[str, str]) -> list[str]:
+    """The platforms `JAX_PLATFORMS` names, lower case ([] when unset)."""
+    return [p.strip() for p in env.get("JAX_PLATFORMS", "").lower().split(",") if p.strip()]
 
 
 def _plugin_names() -> list[str]:
@@ -133,7 +138,7 @@ def cuda_requested(environ: MutableMapping[str, str] | None = None) -> bool:
     """True for a CUDA run: `JAX_PLATFORMS` names cuda or gpu if set, else a CUDA plugin is
     installed."""
     env = os.environ if environ is None else environ
-    platforms = [p.strip() for p in env.get("JAX_PLATFORMS", "").lower().split(",") if p.strip()]
+    platforms = _platforms(env)
     if platforms:
         return any(p in ("cuda", "gpu") for p in platforms)
     return any("cuda" in name for name in _plugin_names())
