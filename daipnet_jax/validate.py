@@ -224,11 +224,10 @@ def validate_inputs(
     """
     from daipnet_jax.data import coco_folder, sources
 
-    for key in ("init.vgg", "init.checkpoint"):
-        if config.init[key.split(".")[1]]:
-            path = str(config.init[key.split(".")[1]])
-            if not os.path.exists(path):
-                raise ConfigError(key, f"{path} does not exist")
+    for name in ("vgg", "checkpoint"):
+        path = str(config.init[name] or "")
+        if path and not os.path.exists(path):
+            raise ConfigError(f"init.{name}", f"{path} does not exist")
     source = sources.get(config)
     if not isinstance(source, sources.CocoFolderSource):
         return

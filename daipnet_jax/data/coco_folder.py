@@ -68,13 +68,14 @@ class FolderRecords:
 
     def head(self, n: int) -> FolderRecords:
         """The first `n` images (by id)."""
+        m = int(np.sum(self.counts[:n]))  # their boxes
         return FolderRecords(
             self.paths[:n],
             self.image_ids[:n],
             self.counts[:n],
-            self.boxes[: int(np.sum(self.counts[:n]))],
-            self.labels[: int(np.sum(self.counts[:n]))],
-            self.crowd[: int(np.sum(self.counts[:n]))],
+            self.boxes[:m],
+            self.labels[:m],
+            self.crowd[:m],
             self.stats,
         )
 
