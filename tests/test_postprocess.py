@@ -27,13 +27,14 @@ def _np_iou(a, b):
     return inter / union if union > 0 else 0.0
 
 
-def _np_detect(scores, boxes, thr=0.01, nms_iou=0.45, per_class=50, max_det=200):
-    """One image. Per class: candidates > thr, by (−score, prior), greedy NMS (strict >)."""
+def _np_detect(scores, boxes, thr=0.01, nms_iou=0.45, per_class=50, max_det=200, top_k=None):
+    """One image. Per class: candidates > thr, by (−score, prior), the first top_k of them (all
+    when None), greedy NMS (strict >)."""
     dets = []
     for c in range(1, scores.shape[1]):
         cand = sorted(
             (p for p in range(len(scores)) if scores[p, c] > thr), key=lambda p: (-scores[p, c], p)
-        )
+        )[:top_k]
         kept: list[int] = []
         for p in cand:
             if len(kept) == per_class:
@@ -45,8 +46,9 @@ def _np_detect(scores, boxes, thr=0.01, nms_iou=0.45, per_class=50, max_det=200)
     return dets[:max_det]
 
 
-def _check(loc, logits, priors, out=None, **kw):
-    """detect == reference on every image: same count, order, classes, scores, boxes.
+def _check(loc, logits, priors, out=None, capped=False, **kw):
+    """detect == reference on every image: same count, order, classes, scores, boxes. The
+    reference caps each class at pre_nms_top_k candidates only when `capped`.
 
     Returns the kept count per image; `out`, a list, receives detect's outputs (as NumPy)."""
     opts = dict(score_threshold=0.01, nms_iou=0.45, per_class_max=50, max_detections=200)
@@ -67,7 +69,13 @@ def _check(loc, logits, priors, out=None, **kw):
     for b in range(len(loc)):
         ref_boxes = _np_decode(loc[b], priors)
         ref = _np_detect(
-            sm[b], ref_boxes, opts["score_threshold"], opts["nms_iou"], opts["per_class_max"], d
+            sm[b],
+            ref_boxes,
+            opts["score_threshold"],
+            opts["nms_iou"],
+            opts["per_class_max"],
+            d,
+            opts["pre_nms_top_k"] if capped else None,
         )
         n = len(ref)
         counts.append(n)
@@ -224,19 +232,98 @@ def _synthetic(priors, num_classes, seed, objects=10, confusers=3):
 def test_realistic_coco300_outputs_match_uncapped_reference():
     """COCO 300 (11620 priors x 81 classes), ~4 thousand candidates above 0.01 concentrated in
     a few classes (one with 462): with the config's pre_nms_top_k, detect gives exactly the
-    uncapped reference's detections, through the active-prior selection and the two passes."""
+    uncapped reference's detections, through the active-prior selection and multi-sub-row rows."""
     priors = prior_boxes(base_config("daipnet300", "coco"))
     loc, logits = _synthetic(priors, 81, seed=0)
     sm = np.asarray(jax.nn.softmax(logits, -1))[0, :, 1:]
     per_class = (sm > 0.01).sum(0)
     assert (sm > 0.01).sum() > 3000 and per_class.max() > 400
-    # the paths of `detect` this case runs through: active-prior selection, and more second-pass
-    # rows than one chunk (80 rows → chunks of 8), and all three candidate tiers
-    assert (sm.max(1) > 0.01).sum() <= len(priors) // postprocess.ACTIVE_FRACTION
-    assert (per_class > postprocess.FIRST_PASS_K).sum() > 8
-    assert per_class.max() > 4 * postprocess.FIRST_PASS_K  # reaches the last tier
+    # the paths of `detect` this case runs through: the priors that may have a candidate (best
+    # foreground score bound sigmoid(fg_max - bg) above 0.01) are at most P / 4, and many
+    # classes take several sub-rows, one more than four
+    may = (logits[0, :, 1:].max(1) - logits[0, :, 0]) > np.log(0.01 / 0.99)
+    assert may.sum() <= len(priors) // postprocess.ACTIVE_FRACTION
+    assert (per_class > postprocess.SUB_WIDTH).sum() > 8
+    assert per_class.max() > 4 * postprocess.SUB_WIDTH
     k = base_config("daipnet300", "coco").postprocess.pre_nms_top_k
     assert _check(loc, logits, priors, pre_nms_top_k=k) == [200]
+
+
+def _flat_outputs(num_p, num_c, active, seed):
+    """Outputs with many candidates in every class: `active` priors of each of 2 images have a
+    flat softmax over the classes (every class above 0.01), the others a dominant background;
+    priors in 5 clusters, so that NMS keeps few per class."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0.2, 0.8, (5, 2))
+    c = centres[rng.integers(0, 5, num_p)] + rng.normal(0, 0.05, (num_p, 2))
+    priors = np.concatenate([c, 0.2 * np.exp(rng.normal(0, 0.2, (num_p, 2)))], 1)
+    loc = rng.normal(0, 0.3, (2, num_p, 4)).astype(np.float32)
+    logits = rng.normal(0, 0.3, (2, num_p, num_c)).astype(np.float32)
+    for b in range(2):
+        idle = np.ones(num_p, bool)
+        idle[rng.choice(num_p, active, replace=False)] = False
+        logits[b, idle, 0] += 12.0
+    return loc, logits, priors.astype(np.float32)
+
+
+def _sub_rows(logits, k):
+    """Sub-rows each (image, class) row of at most k candidates takes in `_per_class_nms`."""
+    count = (np.asarray(jax.nn.softmax(logits, -1))[..., 1:] > 0.01).sum(1)  # [B, K]
+    return np.where(count <= k, -(-count // postprocess.SUB_WIDTH), 0), count
+
+
+def test_rows_beyond_one_loop_capacity_run_in_groups():
+    """More sub-rows than one NMS loop holds: rows are handed out in several groups, on the
+    active-prior path (few active priors) and on the dense path (all priors active)."""
+    loc, logits, priors = _flat_outputs(2000, 5, active=450, seed=4)
+    k_active = 2000 // postprocess.ACTIVE_FRACTION  # detect's k on the active path
+    n_sub, count = _sub_rows(logits, k_active)
+    assert count.min() > 300  # every class of both images: 5+ sub-rows
+    per_row = -(-k_active // postprocess.SUB_WIDTH)
+    cap = max(postprocess.SUB_ROWS_PER_ROW * n_sub.size, 2 * per_row)
+    assert n_sub.sum() > 2 * (cap - per_row)  # at least three groups
+    assert min(_check(loc, logits, priors, pre_nms_top_k=1000)) > 100
+    loc, logits, priors = _flat_outputs(700, 5, active=700, seed=5)  # dense: one image a loop
+    n_sub, count = _sub_rows(logits, 700)
+    per_row = -(-700 // postprocess.SUB_WIDTH)
+    cap = max(postprocess.SUB_ROWS_PER_ROW * 4, 2 * per_row)
+    assert (n_sub.sum(1) > cap - per_row).all()
+    assert min(_check(loc, logits, priors, pre_nms_top_k=1000)) > 100
+
+
+def test_classes_above_pre_nms_top_k_take_their_best():
+    """Classes with more than pre_nms_top_k candidates keep NMS over their k best (ties: lower
+    prior), next to classes under k in the same image; both paths of `detect`."""
+    for active in (90, 400):  # the active-prior path (at most 400 / 4 active), the dense path
+        loc, logits, priors = _flat_outputs(400, 4, active=active, seed=active)
+        k = 60
+        _, count = _sub_rows(logits, k)
+        assert (count > k).sum() >= 4 and (count > 0).all()
+        logits[0, 30:, 3] -= 20.0  # image 0, class 3: candidates among priors 0-29 only
+        _, count = _sub_rows(logits, k)
+        assert 0 < count[0, 2] <= k
+        _check(loc, logits, priors, capped=True, pre_nms_top_k=k)
+
+
+def test_score_bound_keeps_borderline_candidates():
+    """The max-logit bound that skips priors never drops a candidate: scores a few ulps above
+    and below the threshold (two classes, where the bound is tight), and thresholds 0 and 1."""
+    t = 0.01
+    n = 200
+    grid = np.arange(n) - n // 2  # steps of float32 ulps around the logit of t
+    base = np.float32(np.log(t / (1 - t)))
+    diff = np.array([np.float32(base) + np.float32(i) * np.spacing(base) for i in grid])
+    logits = np.zeros((1, n, 2), np.float32)
+    logits[0, :, 1] = diff
+    sm = np.asarray(jax.nn.softmax(logits, -1))[0, :, 1]
+    assert 0 < (sm > t).sum() < n  # the grid straddles the threshold
+    g = np.arange(n)
+    priors = np.stack([(g % 20) / 20 + 0.02, (g // 20) / 20 + 0.02, 0.03 + 0 * g, 0.03 + 0 * g], 1)
+    loc = np.zeros((1, n, 4), np.float32)
+    kw = dict(per_class_max=n, max_detections=n, pre_nms_top_k=n)
+    assert _check(loc, logits, priors.astype(np.float32), **kw) == [(sm > t).sum()]
+    assert _check(loc, logits, priors.astype(np.float32), score_threshold=0.0, **kw) == [n]
+    assert _check(loc, logits, priors.astype(np.float32), score_threshold=1.0, **kw) == [0]
 
 
 def _compiled_detect_hlo(pre_nms_top_k: int) -> str:
