@@ -32,6 +32,7 @@ SCRIPTS = [
     "conv_backward.py",
     "accelerator.py",
     "resume.py",
+    "batchnorm_grad.py",
 ]
 PACKAGES = [
     "jax",

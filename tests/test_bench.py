@@ -149,3 +149,60 @@ def test_accelerator_profile_summary_without_a_trace(tmp_path):
     import accelerator
 
     assert "no .xplane.pb" in accelerator.profile_summary(str(tmp_path))[0]
+
+
+# ------------------------------------------------------------------ bench/batchnorm_grad.py
+_BN_FLOAT64 = r"""
+import sys
+import jax, numpy as np, flax.linen as nn
+sys.path.insert(0, "bench")
+import batchnorm_grad
+
+assert jax.config.jax_enable_x64
+f64 = np.float64
+x = np.random.default_rng(0).normal(size=(3, 6, 6, 5)) * 2 + 1
+out = []
+for custom in (False, True):
+    net = batchnorm_grad.Stack(3, 7, custom, dtype=f64, param_dtype=f64)
+    v = net.init(jax.random.PRNGKey(0), x)
+    # non-trivial scales and biases (init: 1 and 0)
+    params = jax.tree.map(lambda p: p + 0.1 * np.cos(np.arange(p.size)).reshape(p.shape), v["params"])
+    _, stats, loss, grads = batchnorm_grad.train_step(net)(params, v["batch_stats"], x)
+    assert loss.dtype == f64 and all(g.dtype == f64 for g in jax.tree.leaves(grads))
+    out.append((loss, grads, stats))
+(l0, g0, s0), (l1, g1, s1) = out
+np.testing.assert_allclose(l1, l0, rtol=1e-13)
+assert max(np.abs(g).max() for g in jax.tree.leaves(g0)) > 1e-3  # not vacuous
+for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-13)
+# inference: the running averages, through each module
+variables = {
+    "params": {"scale": np.linspace(0.5, 2, 5), "bias": np.linspace(-1, 1, 5)},
+    "batch_stats": {"mean": np.linspace(-1, 1, 5), "var": np.linspace(0.1, 3, 5)},
+}
+kw = dict(use_running_average=True, dtype=f64, param_dtype=f64)
+want = nn.BatchNorm(**kw).apply(variables, x)
+got = batchnorm_grad.CustomVJPBatchNorm(**kw).apply(variables, x)
+np.testing.assert_allclose(got, want, rtol=1e-14)
+print("BN OK")
+"""
+
+
+def test_batchnorm_custom_vjp_equals_flax_in_float64():
+    """The hand-written BatchNorm gradient that bench/batchnorm_grad.py times is Flax's: in
+    float64 (a subprocess with jax_enable_x64), the same loss, gradients and running statistics
+    on a conv-BN stack, and the same inference output."""
+    import os
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _BN_FLOAT64],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, JAX_ENABLE_X64="1"),
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0 and "BN OK" in proc.stdout, proc.stderr[-3000:]
