@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import print_result
 
 
 # ------------------------------------------------------------------ the candidate
@@ -140,6 +141,12 @@ def op_counts(compiled_text: str) -> tuple[int, int]:
     return fusions, len(re.findall(r"\breduce\(", compiled_text))
 
 
+def max_abs_diff(a: Any, b: Any) -> float:
+    """Largest absolute difference between two pytrees of arrays of the same structure."""
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return max(float(np.max(np.abs(x - y))) for x, y in pairs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
@@ -159,18 +166,16 @@ def main() -> None:
         f"jax {jax.__version__} on {device.platform} ({device.device_kind}); batch {args.batch}, "
         f"{args.size}x{args.size}, {args.layers} x conv3x3-BN-ReLU at {args.channels}, {args.dtype}"
     )
-    steps, variables, out = {}, {}, {}
+    steps, variables, out, counts = {}, {}, {}, {}
     for custom in (False, True):
+        name = "custom" if custom else "flax"
         net = Stack(args.layers, args.channels, custom, dtype)
         v = net.init(jax.random.PRNGKey(0), x)
         step = train_step(net)
-        text = step.lower(v["params"], v["batch_stats"], x).compile().as_text()
+        counts[name] = op_counts(step.lower(v["params"], v["batch_stats"], x).compile().as_text())
         steps[custom], variables[custom] = step, v
         out[custom] = jax.device_get(step(v["params"], v["batch_stats"], x))
-        fusions, reduces = op_counts(text)
-        name = "custom" if custom else "flax"
-        print(f"{name}: compiled program with {fusions} fusions, {reduces} reduce instructions")
-        out[f"{name}_counts"] = (fusions, reduces)
+        print(f"{name}: compiled program with {counts[name][0]} fusions, {counts[name][1]} reduces")
 
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(args.iters):  # interleaved: both see the same machine load
@@ -180,27 +185,25 @@ def main() -> None:
             jax.block_until_ready(step(v["params"], v["batch_stats"], x))
             times[custom].append(time.perf_counter() - t)
     t_flax, t_custom = (statistics.median(times[c]) for c in (False, True))
-    grads = [jax.tree.leaves(out[c][3]) for c in (False, True)]
-    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(*grads, strict=True))
-    scale = max(float(np.max(np.abs(a))) for a in grads[0])
-    stats_diff = max(
-        float(np.max(np.abs(a - b)))
-        for a, b in zip(jax.tree.leaves(out[False][1]), jax.tree.leaves(out[True][1]), strict=True)
-    )
+    diff = max_abs_diff(out[False][3], out[True][3])  # gradients
+    scale = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(out[False][3]))
+    stats_diff = max_abs_diff(out[False][1], out[True][1])
     print(
         f"train step: flax {1e3 * t_flax:.2f} ms, custom VJP {1e3 * t_custom:.2f} ms "
         f"({t_flax / t_custom:.3f}x); largest gradient difference {diff:.3g} (largest gradient "
         f"{scale:.3g}), running statistics {stats_diff:.3g}"
     )
-    print(
-        "RESULT "
-        f"bn_grad_flax_ms={1e3 * t_flax:.3f} bn_grad_custom_ms={1e3 * t_custom:.3f} "
-        f"bn_grad_step_ratio={t_flax / t_custom:.3f} "
-        f"bn_grad_fusions_flax={out['flax_counts'][0]} "
-        f"bn_grad_fusions_custom={out['custom_counts'][0]} "
-        f"bn_grad_reduces_flax={out['flax_counts'][1]} "
-        f"bn_grad_reduces_custom={out['custom_counts'][1]} "
-        f"bn_grad_max_diff={diff / scale:.3g}"
+    print_result(
+        {
+            "bn_grad_flax_ms": f"{1e3 * t_flax:.3f}",
+            "bn_grad_custom_ms": f"{1e3 * t_custom:.3f}",
+            "bn_grad_step_ratio": f"{t_flax / t_custom:.3f}",
+            "bn_grad_fusions_flax": counts["flax"][0],
+            "bn_grad_fusions_custom": counts["custom"][0],
+            "bn_grad_reduces_flax": counts["flax"][1],
+            "bn_grad_reduces_custom": counts["custom"][1],
+            "bn_grad_max_diff": f"{diff / scale:.3g}",
+        }
     )
 
 
