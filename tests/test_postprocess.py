@@ -272,6 +272,13 @@ def _sub_rows(logits, k):
     return np.where(count <= k, -(-count // postprocess.SUB_WIDTH), 0), count
 
 
+def _group_stride(n_rows, k):
+    """Sub-rows per group of one NMS loop in `_per_class_nms` (its capacity less one row's
+    largest share): rows starting beyond it go to a further loop."""
+    per_row = -(-k // postprocess.SUB_WIDTH)
+    return max(postprocess.SUB_ROWS_PER_ROW * n_rows, 2 * per_row) - per_row
+
+
 def test_rows_beyond_one_loop_capacity_run_in_groups():
     """More sub-rows than one NMS loop holds: rows are handed out in several groups, on the
     active-prior path (few active priors) and on the dense path (all priors active)."""
@@ -279,15 +286,11 @@ def test_rows_beyond_one_loop_capacity_run_in_groups():
     k_active = 2000 // postprocess.ACTIVE_FRACTION  # detect's k on the active path
     n_sub, count = _sub_rows(logits, k_active)
     assert count.min() > 300  # every class of both images: 5+ sub-rows
-    per_row = -(-k_active // postprocess.SUB_WIDTH)
-    cap = max(postprocess.SUB_ROWS_PER_ROW * n_sub.size, 2 * per_row)
-    assert n_sub.sum() > 2 * (cap - per_row)  # at least three groups
+    assert n_sub.sum() > 2 * _group_stride(n_sub.size, k_active)  # at least three groups
     assert min(_check(loc, logits, priors, pre_nms_top_k=1000)) > 100
     loc, logits, priors = _flat_outputs(700, 5, active=700, seed=5)  # dense: one image a loop
     n_sub, count = _sub_rows(logits, 700)
-    per_row = -(-700 // postprocess.SUB_WIDTH)
-    cap = max(postprocess.SUB_ROWS_PER_ROW * 4, 2 * per_row)
-    assert (n_sub.sum(1) > cap - per_row).all()
+    assert (n_sub.sum(1) > _group_stride(4, 700)).all()  # each image: at least two groups
     assert min(_check(loc, logits, priors, pre_nms_top_k=1000)) > 100
 
 
@@ -319,11 +322,12 @@ def test_score_bound_keeps_borderline_candidates():
     assert 0 < (sm > t).sum() < n  # the grid straddles the threshold
     g = np.arange(n)
     priors = np.stack([(g % 20) / 20 + 0.02, (g // 20) / 20 + 0.02, 0.03 + 0 * g, 0.03 + 0 * g], 1)
+    priors = priors.astype(np.float32)
     loc = np.zeros((1, n, 4), np.float32)
     kw = dict(per_class_max=n, max_detections=n, pre_nms_top_k=n)
-    assert _check(loc, logits, priors.astype(np.float32), **kw) == [(sm > t).sum()]
-    assert _check(loc, logits, priors.astype(np.float32), score_threshold=0.0, **kw) == [n]
-    assert _check(loc, logits, priors.astype(np.float32), score_threshold=1.0, **kw) == [0]
+    assert _check(loc, logits, priors, **kw) == [(sm > t).sum()]
+    assert _check(loc, logits, priors, score_threshold=0.0, **kw) == [n]
+    assert _check(loc, logits, priors, score_threshold=1.0, **kw) == [0]
 
 
 def _compiled_detect_hlo(pre_nms_top_k: int) -> str:
