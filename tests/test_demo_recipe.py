@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import jax
@@ -63,3 +64,22 @@ def test_demo_schedule_fits_its_epochs():
     real = _generated_config("daipnet300")
     assert real.model.width == 0.25 and real.train.optimizer == "sgd"
     assert real.train.warmup_epochs == 6 and real.data.augment
+
+
+def test_readme_describes_the_demo_that_runs():
+    """The README's quick-start steps and the demo's failure message agree with the `demo`
+    config and with the AP50 column of the README's measured runs."""
+    from daipnet_jax import demo
+
+    text = (REPO / "README.md").read_text()
+    c = _generated_config("demo")
+    total = config_lib.total_steps(c, config_lib.steps_per_epoch(c, c.data.generated_num_train))
+    fixed = {int(n) for n in re.findall(r"for a fixed (\d+) steps", text)}
+    assert fixed == {total}, f"README says {fixed} steps, the demo config runs {total}"
+    low, high = (
+        float(v) for v in re.search(r"the runs below score ([\d.]+)–([\d.]+)", text).groups()
+    )
+    table = [float(v) for v in re.findall(r"^\| \d+ \| [\d.]+ \| \*\*([\d.]+)\*\* \|", text, re.M)]
+    assert len(table) >= 2, "README's quick-start table not found"
+    assert (low, high) == demo.MEASURED_AP50 == (round(min(table), 2), round(max(table), 2))
+    assert low > demo.AP50_BAR
