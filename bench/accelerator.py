@@ -31,6 +31,7 @@ the batch search):
     python bench/accelerator.py --profile_dir /tmp/prof   # also: device time per kernel of
                                                 # DAIPNet300 bf16 (10 batch-1 forwards, 3 steps)
     python bench/accelerator.py --only "forward daipnet300"   # a subset of the sections
+    python bench/accelerator.py --only "forward lrf300,train float32,search"  # several subsets
     make bench-accel
 
 JAX is limited to 70 % of the accelerator's memory (`XLA_PYTHON_CLIENT_MEM_FRACTION`), leaving
@@ -312,6 +313,13 @@ def train_bench(
     return dict(step=sec, flops=flops, compile=compile_s, loss=loss)
 
 
+def selected(name: str, only: str) -> bool:
+    """Whether section `name` runs under `--only`: every word of one of its comma-separated
+    selectors is in the name (an empty `--only` selects everything)."""
+    selectors = [s.split() for s in only.split(",") if s.strip()]
+    return not selectors or any(all(w in name for w in words) for words in selectors)
+
+
 def is_oom(err: Exception) -> bool:
     text = f"{type(err).__name__} {err}".lower()
     return "resource_exhausted" in text or "out of memory" in text or "oom" in text
@@ -501,8 +509,9 @@ def main() -> None:
     ap.add_argument(
         "--only",
         default="",
-        help="run only the sections whose name holds every word given, e.g. 'forward daipnet300' "
-        "(names: 'forward|train <model> <dtype>', torch, detect, search)",
+        help="run only the sections whose name holds every word of one comma-separated "
+        "selector, e.g. 'forward daipnet300' or 'forward lrf300,train float32,search' (names: "
+        "'forward|train <model> <dtype>', torch, detect, search)",
     )
     ap.add_argument(
         "--profile_dir",
@@ -668,7 +677,7 @@ def main() -> None:
         ("search", search),
     ]
     for name, section in sections:
-        if all(word in name for word in args.only.split()):
+        if selected(name, args.only):
             section()
 
     assert "tensorflow" not in sys.modules, "something imported TensorFlow"

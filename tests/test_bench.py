@@ -130,6 +130,31 @@ def test_accelerator_largest_batch_doubles_until_out_of_memory():
     assert spent.skipped == ["train batch 64"]
 
 
+def test_accelerator_only_takes_several_selectors():
+    import accelerator
+
+    names = [
+        "forward daipnet300 bfloat16",
+        "forward lrf300 float32",
+        "train lrf300 float32",
+        "train daipnet300 bfloat16",
+        "torch",
+        "search",
+    ]
+
+    def chosen(only):
+        return [n for n in names if accelerator.selected(n, only)]
+
+    assert chosen("") == names
+    assert chosen("forward daipnet300") == ["forward daipnet300 bfloat16"]
+    assert chosen("forward lrf300, train float32 ,search") == [
+        "forward lrf300 float32",
+        "train lrf300 float32",
+        "search",
+    ]
+    assert chosen("lrf300 bfloat16") == []  # every word of one selector, not of any
+
+
 def test_accelerator_flops_counted_on_the_cpu_lowering():
     """Model FLOPs of a convolution, hand-counted: 2 x B x Ho x Wo x Cout x kh x kw x Cin."""
     import accelerator
