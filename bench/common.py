@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -54,3 +55,18 @@ def jit_detect(cfg: Any) -> Callable[..., Any]:
 def print_result(results: dict[str, Any]) -> None:
     """The last line every bench prints: `RESULT key=value ...` (collected by run_all.py)."""
     print("RESULT " + " ".join(f"{k}={v}" for k, v in results.items()))
+
+
+RESULT_RE = re.compile(r"^RESULT\s+(.*)$")
+
+
+def parse_results(output: str) -> dict[str, str]:
+    """All `key=value` pairs of the `RESULT` lines in `output`."""
+    results: dict[str, str] = {}
+    for line in output.splitlines():
+        match = RESULT_RE.match(line.strip())
+        if match:
+            for pair in match.group(1).split():
+                key, _, value = pair.partition("=")
+                results[key] = value
+    return results

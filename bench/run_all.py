@@ -16,11 +16,12 @@ import datetime
 import importlib.metadata
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import parse_results
 
 BENCH_DIR = Path(__file__).resolve().parent
 SCRIPTS = [
@@ -44,19 +45,6 @@ PACKAGES = [
     "numpy",
     "opencv-python-headless",
 ]
-RESULT_RE = re.compile(r"^RESULT\s+(.*)$")
-
-
-def parse_results(output: str) -> dict[str, str]:
-    """All `key=value` pairs of the `RESULT` lines in `output`."""
-    results: dict[str, str] = {}
-    for line in output.splitlines():
-        match = RESULT_RE.match(line.strip())
-        if match:
-            for pair in match.group(1).split():
-                key, _, value = pair.partition("=")
-                results[key] = value
-    return results
 
 
 def run_script(name: str, quick: bool, timeout: float) -> tuple[dict[str, str], str, float]:

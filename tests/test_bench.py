@@ -11,12 +11,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
+import common  # noqa: E402
 import run_all  # noqa: E402
 
 
 def test_parse_results_collects_every_pair():
     output = "warm-up\nRESULT a=1.5 b=2\nnoise RESULT c=3\n  RESULT d=x=y\n"
-    assert run_all.parse_results(output) == {"a": "1.5", "b": "2", "d": "x=y"}
+    assert common.parse_results(output) == {"a": "1.5", "b": "2", "d": "x=y"}
 
 
 def test_recorded_section_survives_a_rewrite():
