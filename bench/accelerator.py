@@ -6,8 +6,8 @@ that would start too late is skipped and printed as such). Imports jax, flax, op
 ml_collections, absl and (for the anchor only) torch; never TensorFlow (checked at the end).
 
 Sections (run in the order that puts the headline numbers first: DAIPNet300 forward, the
-bfloat16 train steps, the PyTorch anchor, detect, then the other models, float32 training and
-the batch search):
+bfloat16 train steps and their CUDA-graph A/B (6), the PyTorch anchor, detect, then the other
+models, float32 training and the batch search):
 1. Forward (eval mode, jitted, device-resident images): latency at batch 1 and throughput at
    batch 32, float32 and bfloat16 (`model.dtype`), for DAIPNet300, LRF300, SSD300, DAIPNet512.
 2. Train step (`training.step.make_train_step`: matching, train-mode forward, MultiBox loss,
@@ -24,6 +24,8 @@ the batch search):
 4. `postprocess.detect` on the device at batch 1 and 32 (COCO 300 trained-like outputs of
    `bench/postprocess.py`).
 5. The largest bfloat16 train-step batch that fits (DAIPNet300), doubling from 64 up to 512.
+6. On CUDA, the bfloat16 DAIPNet300 train step again in a child process without convolutions
+   in CUDA graphs (`DAIPNET_GPU_CONV_GRAPHS=0`, docs/design.md, "Accelerators"): the ratio.
 
     python bench/accelerator.py                 # full sizes (one GPU: < 8 minutes)
     python bench/accelerator.py --quick         # width 0.0625, batch 2, DAIPNet300 only, bf16
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -54,7 +57,7 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.70")
 
-from common import jit_detect, median_time, print_result  # noqa: E402
+from common import jit_detect, median_time, parse_results, print_result  # noqa: E402
 
 from daipnet_jax import platform  # noqa: E402
 
@@ -320,6 +323,19 @@ def selected(name: str, only: str) -> bool:
     return not selectors or any(all(w in name for w in words) for words in selectors)
 
 
+def conv_graphs_off(environ: Any) -> dict[str, str]:
+    """A child's environment without the convolution CUDA-graph flags `platform.setup()` added:
+    `DAIPNET_GPU_CONV_GRAPHS=0`, those flags taken out of `XLA_FLAGS`, and no preallocation (the
+    parent holds `XLA_PYTHON_CLIENT_MEM_FRACTION` of the device)."""
+    env = dict(environ)
+    flags = env.get("XLA_FLAGS", "").replace(platform.XLA_GPU_CONV_GRAPH_FLAGS, "")
+    env["XLA_FLAGS"] = " ".join(flags.split())
+    env["DAIPNET_GPU_CONV_GRAPHS"] = "0"
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.25"
+    return env
+
+
 def is_oom(err: Exception) -> bool:
     text = f"{type(err).__name__} {err}".lower()
     return "resource_exhausted" in text or "out of memory" in text or "oom" in text
@@ -511,7 +527,7 @@ def main() -> None:
         default="",
         help="run only the sections whose name holds every word of one comma-separated "
         "selector, e.g. 'forward daipnet300' or 'forward lrf300,train float32,search' (names: "
-        "'forward|train <model> <dtype>', torch, detect, search)",
+        "'forward|train <model> <dtype>', 'conv graphs', torch, detect, search)",
     )
     ap.add_argument(
         "--profile_dir",
@@ -595,6 +611,38 @@ def main() -> None:
             print("  3 traced steps:", flush=True)
             print("\n".join(profile_summary(profile)), flush=True)
 
+    def conv_graphs() -> None:
+        # XLA reads its flags once per process: the step without convolutions in CUDA graphs
+        # runs in a child started with the user's flags and `DAIPNET_GPU_CONV_GRAPHS=0`.
+        # --quick runs it on any device: the child's plumbing is tested on CPU (tests/test_bench.py)
+        ours = f"train_daipnet300_bfloat16_b{b}_img_s"
+        if (dev.platform != "gpu" and not args.quick) or ours not in results:
+            print("  conv graphs A/B: skipped (needs CUDA and this run's bfloat16 DAIPNet300 step)")
+            return
+        if not budget.ok("conv graphs A/B", need["train"] + 30):
+            return
+        env = conv_graphs_off(os.environ)
+        cmd = [sys.executable, __file__, "--only", "train daipnet300 bfloat16", "--batch", str(b)]
+        cmd += ["--iters", str(args.iters), "--width", str(args.width)]
+        cmd += ["--quick"] if args.quick else []
+        cmd += ["--budget_s", str(int(budget.left()))]
+        proc = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=budget.left() + 120, check=False
+        )
+        child = parse_results(proc.stdout)
+        if proc.returncode or ours not in child:
+            print(f"  conv graphs A/B: the child failed (exit {proc.returncode}):")
+            print("\n".join((proc.stdout + proc.stderr).splitlines()[-5:]))
+            return
+        ratio = float(results[ours]) / float(child[ours])
+        results[f"train_daipnet300_bfloat16_b{b}_img_s_no_conv_graphs"] = child[ours]
+        results["conv_graphs_train_speedup"] = f"{ratio:.3f}"
+        print(
+            f"  train b{b} daipnet300 bfloat16 without convolutions in CUDA graphs: "
+            f"{float(child[ours]):.1f} img/s; with them {ratio:.3f}x that",
+            flush=True,
+        )
+
     def torch_anchor() -> None:
         if not budget.ok("PyTorch LRF300", need["torch"]):
             return
@@ -662,6 +710,7 @@ def main() -> None:
             for v in train_models
             if "bfloat16" in dtypes_train
         ),
+        ("conv graphs", conv_graphs),
         ("torch", torch_anchor),
         ("detect", detect),
         *(

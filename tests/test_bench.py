@@ -45,6 +45,10 @@ def test_every_bench_script_runs_quick(tmp_path):
     rows = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| ")][1:]
     scripts = {r[0].strip() for r in rows}
     assert scripts == set(run_all.SCRIPTS), scripts
+    # the accelerator bench's CUDA-graph A/B ran its child process (on CPU in --quick)
+    assert {"conv_graphs_train_speedup", "train_daipnet300_bfloat16_b2_img_s_no_conv_graphs"} <= {
+        r[1].strip() for r in rows if r[0].strip() == "accelerator.py"
+    }
     # names, not measures: the fastest conv variant, the torch NMS used, the device
     names = {"best", "postprocess_torch_nms", "accel_device"}
     for _script, key, value in rows:
@@ -154,6 +158,27 @@ def test_accelerator_only_takes_several_selectors():
         "search",
     ]
     assert chosen("lrf300 bfloat16") == []  # every word of one selector, not of any
+
+
+def test_accelerator_child_runs_without_the_conv_graph_flags():
+    import accelerator
+
+    from daipnet_jax import platform
+
+    parent = {
+        "XLA_FLAGS": f"--xla_dump_to=/tmp/d {platform.XLA_GPU_CONV_GRAPH_FLAGS}",
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.70",
+        "PATH": "/bin",
+    }
+    env = accelerator.conv_graphs_off(parent)
+    assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/d"  # the user's own flags stay
+    assert env["DAIPNET_GPU_CONV_GRAPHS"] == "0" and env["PATH"] == "/bin"
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) + 0.70 < 1.0
+    assert parent["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.70"  # the parent's is untouched
+    # what platform.setup() does in the child: nothing, so XLA's default list applies
+    assert not platform.add_gpu_flags(env)
+    assert "command_buffer" not in env["XLA_FLAGS"]
 
 
 def test_accelerator_flops_counted_on_the_cpu_lowering():
