@@ -6,7 +6,7 @@ that would start too late is skipped and printed as such). Imports jax, flax, op
 ml_collections, absl and (for the anchor only) torch; never TensorFlow (checked at the end).
 
 Sections (run in the order that puts the headline numbers first: DAIPNet300 forward, the
-bfloat16 train steps and their CUDA-graph A/B (6), the PyTorch anchor, detect, then the other
+bfloat16 train steps and their A/Bs (6, 7), the PyTorch anchor, detect, then the other
 models, float32 training and the batch search):
 1. Forward (eval mode, jitted, device-resident images): latency at batch 1 and throughput at
    batch 32, float32 and bfloat16 (`model.dtype`), for DAIPNet300, LRF300, SSD300, DAIPNet512.
@@ -26,6 +26,8 @@ models, float32 training and the batch search):
 5. The largest bfloat16 train-step batch that fits (DAIPNet300), doubling from 64 up to 512.
 6. On CUDA, the bfloat16 DAIPNet300 train step again in a child process without convolutions
    in CUDA graphs (`DAIPNET_GPU_CONV_GRAPHS=0`, docs/design.md, "Accelerators"): the ratio.
+7. The same step with every BatchNorm's gradient in closed form (`bench/batchnorm_grad.py`,
+   `closed_form_batchnorm`): the ratio to Flax's BatchNorm.
 
     python bench/accelerator.py                 # full sizes (one GPU: < 8 minutes)
     python bench/accelerator.py --quick         # width 0.0625, batch 2, DAIPNet300 only, bf16
@@ -527,7 +529,7 @@ def main() -> None:
         default="",
         help="run only the sections whose name holds every word of one comma-separated "
         "selector, e.g. 'forward daipnet300' or 'forward lrf300,train float32,search' (names: "
-        "'forward|train <model> <dtype>', 'conv graphs', torch, detect, search)",
+        "'forward|train <model> <dtype>', 'conv graphs', 'bn grad', torch, detect, search)",
     )
     ap.add_argument(
         "--profile_dir",
@@ -643,6 +645,30 @@ def main() -> None:
             flush=True,
         )
 
+    def bn_grad() -> None:
+        # The model's BatchNorm layers with the closed-form gradient of bench/batchnorm_grad.py
+        # (same variables and numbers; docs/design.md, "Accelerators"), the same step otherwise.
+        ours = f"train_daipnet300_bfloat16_b{b}_img_s"
+        if ours not in results:
+            print(
+                "  closed-form BatchNorm A/B: skipped (needs this run's bfloat16 DAIPNet300 step)"
+            )
+            return
+        if not budget.ok("bn grad", need["train"]):
+            return
+        from batchnorm_grad import closed_form_batchnorm
+
+        with closed_form_batchnorm():
+            r = train_bench("daipnet300", args.width, "bfloat16", b, args.iters, "", warm_s)
+        ratio = (b / r["step"]) / float(results[ours])
+        results[f"train_daipnet300_bfloat16_b{b}_img_s_closed_form_bn"] = f"{b / r['step']:.1f}"
+        results["closed_form_bn_train_speedup"] = f"{ratio:.3f}"
+        print(
+            f"  train b{b} daipnet300 bfloat16 with closed-form BatchNorm gradients: "
+            f"{b / r['step']:.1f} img/s, {ratio:.3f}x Flax's BatchNorm (loss {r['loss']:.3f})",
+            flush=True,
+        )
+
     def torch_anchor() -> None:
         if not budget.ok("PyTorch LRF300", need["torch"]):
             return
@@ -711,6 +737,7 @@ def main() -> None:
             if "bfloat16" in dtypes_train
         ),
         ("conv graphs", conv_graphs),
+        ("bn grad", bn_grad),
         ("torch", torch_anchor),
         ("detect", detect),
         *(

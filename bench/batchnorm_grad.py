@@ -18,11 +18,12 @@ difference. Imports jax, flax and numpy only (runs on the GPU image as it is). L
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -98,6 +99,43 @@ class CustomVJPBatchNorm(nn.Module):
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         return y
+
+
+@contextlib.contextmanager
+def closed_form_batchnorm() -> Iterator[int]:
+    """While open, every BatchNorm the daipnet_jax models build is a `CustomVJPBatchNorm` (the
+    same variables, eps and momentum): the whole-model A/B of `bench/accelerator.py`. Patches
+    `batch_norm` in each models module holding it (modules are traced when a jitted function
+    first runs, so compile inside); yields how many modules were patched."""
+    import importlib
+    import pkgutil
+
+    from daipnet_jax import models
+    from daipnet_jax.models import layers
+
+    original = layers.batch_norm
+
+    def closed_form(train: bool, dtype: Any = jnp.float32, name: str | None = None) -> nn.Module:
+        return CustomVJPBatchNorm(
+            use_running_average=not train,
+            momentum=layers.BN_MOMENTUM,
+            epsilon=layers.BN_EPSILON,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            name=name,
+        )
+
+    patched = []
+    for info in pkgutil.iter_modules(models.__path__):
+        module = importlib.import_module(f"{models.__name__}.{info.name}")
+        if getattr(module, "batch_norm", None) is original:
+            module.batch_norm = closed_form  # type: ignore[attr-defined]
+            patched.append(module)
+    try:
+        yield len(patched)
+    finally:
+        for module in patched:
+            module.batch_norm = original  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------ the benchmark

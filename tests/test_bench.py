@@ -45,10 +45,10 @@ def test_every_bench_script_runs_quick(tmp_path):
     rows = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| ")][1:]
     scripts = {r[0].strip() for r in rows}
     assert scripts == set(run_all.SCRIPTS), scripts
-    # the accelerator bench's CUDA-graph A/B ran its child process (on CPU in --quick)
-    assert {"conv_graphs_train_speedup", "train_daipnet300_bfloat16_b2_img_s_no_conv_graphs"} <= {
-        r[1].strip() for r in rows if r[0].strip() == "accelerator.py"
-    }
+    # the accelerator bench's A/Bs ran: CUDA graphs (a child process, on CPU in --quick) and
+    # the closed-form BatchNorm gradient
+    ab = {"conv_graphs_train_speedup", "closed_form_bn_train_speedup"}
+    assert ab <= {r[1].strip() for r in rows if r[0].strip() == "accelerator.py"}
     # names, not measures: the fastest conv variant, the torch NMS used, the device
     names = {"best", "postprocess_torch_nms", "accel_device"}
     for _script, key, value in rows:
@@ -257,3 +257,66 @@ def test_batchnorm_custom_vjp_equals_flax_in_float64():
         check=False,
     )
     assert proc.returncode == 0 and "BN OK" in proc.stdout, proc.stderr[-3000:]
+
+
+_BN_MODEL_FLOAT64 = r"""
+import sys
+import jax, numpy as np
+sys.path.insert(0, "bench")
+import batchnorm_grad
+from daipnet_jax import models
+from daipnet_jax.config import base_config
+from daipnet_jax.training import state as state_lib
+
+assert jax.config.jax_enable_x64
+x = np.random.default_rng(0).uniform(0, 255, size=(2, 300, 300, 3))
+for variant in ("daipnet300", "lrf300"):  # lrf300: the standalone BatchNorms of models/lrf.py
+    c = base_config(variant, "coco", width=0.0625)
+    c.model.dtype = "float64"
+    v = state_lib.init_variables(models.build(c), c, jax.random.PRNGKey(0))
+    v = jax.tree.map(lambda a: np.asarray(a, np.float64), v)
+    params = jax.tree.map(lambda p: p + 0.1 * np.cos(np.arange(p.size)).reshape(p.shape), v["params"])
+    layers = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(v["batch_stats"])
+                 if path[-1].key == "mean")
+
+    def run(model):
+        def loss_fn(p):
+            (loc, logits), new = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x,
+                                             train=True, mutable=["batch_stats"])
+            return (loc ** 2).mean() + (logits.std(-1) ** 2).mean(), new["batch_stats"]
+        custom = str(jax.make_jaxpr(loss_fn)(params)).count("custom_vjp_call[")
+        return custom, jax.device_get(jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params))
+
+    with batchnorm_grad.closed_form_batchnorm():
+        custom, ((l1, s1), g1) = run(models.build(c))
+    assert custom == layers > 30, (variant, custom, layers)  # every BatchNorm replaced
+    plain, ((l0, s0), g0) = run(models.build(c))
+    assert plain == 0  # and put back on exit
+    np.testing.assert_allclose(l1, l0, rtol=1e-12)
+    scale = max(np.abs(g).max() for g in jax.tree.leaves(g0))
+    assert scale > 0.1
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12 * scale)
+    for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-12)
+    print(variant, layers, "OK")
+"""
+
+
+def test_closed_form_batchnorm_swaps_every_model_batchnorm_in_float64():
+    """The accelerator bench's whole-model A/B (`closed_form_batchnorm`) replaces every
+    BatchNorm of DAIPNet300 and LRF300 and changes no number: in float64, the same loss,
+    gradients and batch statistics as Flax's BatchNorm; the models are restored afterwards."""
+    import os
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _BN_MODEL_FLOAT64],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, JAX_ENABLE_X64="1"),
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "daipnet300 65 OK" in proc.stdout and "lrf300 37 OK" in proc.stdout, proc.stdout
