@@ -7,7 +7,8 @@ one-line errors.
 - `parse_flags`: absl's flag parser, with bad flags and unknown `--config.` keys as one line.
 - `run(main, dir_flags)`: `app.run` with both, and every user-facing error (`ConfigError`,
   `CheckpointError`, `InputError`, a file that cannot be read or written) printed as one line
-  `error: ...` on stderr with exit code 2. `DAIPNET_TRACEBACK=1` shows the traceback instead.
+  `error: ...` on stderr with exit code 2, as is a `--config` file that is missing or whose
+  `get_config` raises. `DAIPNET_TRACEBACK=1` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -82,6 +83,22 @@ def _config_key_error(argv: Sequence[str], error: BaseException) -> str | None:
     return None
 
 
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of `error`'s cause / context chain (as a traceback shows it)."""
+    seen = {id(error)}
+    while True:
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None or id(inner) in seen:
+            return error
+        seen.add(id(inner))
+        error = inner
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing with each failure reported as one line (exit 2)."""
     from absl import flags
@@ -93,9 +110,23 @@ def parse_flags(argv: list[str]) -> list[str]:
             raise
         message = _config_key_error(argv, e)
         if message is None:
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            # a config file's get_config() that raised: absl's first line names the flag, the
+            # innermost exception says why (e.g. an unknown variant)
+            message, why = _first_line(e), _first_line(_root_cause(e))
+            if why not in message:
+                message = f"{message.rstrip(':')}: {why}"
         fail(message)
         raise AssertionError from e  # unreachable
+
+
+def _config_file_error(error: OSError) -> str | None:
+    """One line for ml_collections' deferred failure to load a `--config` file (a bare OSError
+    raised when the config is first read): the file and the reason."""
+    text = str(error)
+    if "config file" not in text:
+        return None
+    reason = re.search(r"\[Errno \d+\] (.+)", text)
+    return f"--config: {reason.group(1) if reason else _first_line(error)}"
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -115,6 +146,11 @@ def call(main: Callable[[list[str]], Any], argv: list[str]) -> Any:
         if isinstance(e, OSError) and e.filename:
             fail(f"{e.filename}: {e.strerror or e}")
         fail(str(e))
+    except OSError as e:
+        message = None if _show_traceback() else _config_file_error(e)
+        if message is None:
+            raise
+        fail(message)
 
 
 def run(
