@@ -64,6 +64,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.max_images:
         config.data.eval_max_images = FLAGS.max_images
     validate_config(config)
+    checkpoints.check_checkpoint_path(source, FLAGS.step)  # cheap, before reading the data
     validate_inputs(config, train=False, evaluate=True)
     variables, step = checkpoints.restore_variables_and_step(config, source, FLAGS.step)
     # Before the evaluation, not after it: a folder that cannot take the metrics fails now.

@@ -256,15 +256,11 @@ def saved_steps(directory: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def load_variables_and_step(
-    path: str | os.PathLike[str], step: int | None = None
-) -> tuple[dict[str, Any], int | None]:
-    """`load_variables` and the step it read (None for a converted folder).
-
-    Without `step`, a training workdir's newest step that restores is read: steps that fail
-    are named in a one-line warning and left on disk. A `step` that does not exist raises
-    `CheckpointError` listing the steps that do.
-    """
+def check_checkpoint_path(path: str | os.PathLike[str], step: int | None = None) -> Path:
+    """The absolute checkpoint path, after the checks that need no read (a `CheckpointError`
+    naming the path): it exists, is a readable folder, and a training workdir has saved steps,
+    `step` among them; a converted folder takes no `step`. Commands call it before slower
+    set-up (data, compilation)."""
     p = Path(path).resolve()  # orbax wants absolute paths; users give relative ones
     if not p.exists():
         raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
@@ -272,10 +268,33 @@ def load_variables_and_step(
         raise CheckpointError(f"checkpoint path {str(path)!r} is a file; expected a directory")
     if not os.access(p, os.R_OK | os.X_OK):
         raise CheckpointError(f"checkpoint path {str(path)!r} is not readable")
-    _drop_closed_loop_noise()  # before any read: a failing orbax read may print it at once
     if not _is_training_dir(p):
         if step is not None:
             raise CheckpointError(f"a step was given but {str(path)!r} is not a training workdir")
+        return p
+    directory = checkpoint_dir(p)
+    steps = saved_steps(directory)
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {directory}")
+    if step is not None and int(step) not in steps:
+        raise CheckpointError(
+            f"no step {step} in {directory}; saved steps: {', '.join(map(str, steps))}"
+        )
+    return p
+
+
+def load_variables_and_step(
+    path: str | os.PathLike[str], step: int | None = None
+) -> tuple[dict[str, Any], int | None]:
+    """`load_variables` and the step it read (None for a converted folder).
+
+    Without `step`, a training workdir's newest step that restores is read: steps that fail
+    are named in a one-line warning and left on disk. A `step` that does not exist raises
+    `CheckpointError` listing the steps that do (`check_checkpoint_path`).
+    """
+    p = check_checkpoint_path(path, step)
+    _drop_closed_loop_noise()  # before any read: a failing orbax read may print it at once
+    if not _is_training_dir(p):
         try:
             tree = _read_tree(p)
         except FileNotFoundError as e:
@@ -287,12 +306,6 @@ def load_variables_and_step(
         return _variables_of(tree, path), None
     directory = checkpoint_dir(p)
     steps = saved_steps(directory)
-    if not steps:
-        raise CheckpointError(f"no checkpoint in {directory}")
-    if step is not None and int(step) not in steps:
-        raise CheckpointError(
-            f"no step {step} in {directory}; saved steps: {', '.join(map(str, steps))}"
-        )
     # the step asked for, else the newest that restores
     for s in [int(step)] if step is not None else reversed(steps):
         try:

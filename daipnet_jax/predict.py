@@ -401,12 +401,18 @@ def predict_files(
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
-    from daipnet_jax.checkpoints import check_saved_config, restore_variables
+    from daipnet_jax.checkpoints import (
+        check_checkpoint_path,
+        check_saved_config,
+        restore_variables,
+    )
 
     FLAGS = flags.FLAGS
     config = FLAGS.config
-    if FLAGS.checkpoint:  # the model must be the trained one (`--config.model.*` included)
-        check_saved_config(FLAGS.checkpoint, config, "eval")
+    if not FLAGS.checkpoint:
+        raise InputError("--checkpoint is required (a training workdir or a converted checkpoint)")
+    check_saved_config(FLAGS.checkpoint, config, "eval")  # the trained model, overrides included
+    check_checkpoint_path(FLAGS.checkpoint, FLAGS.step)  # before reading every input image
     out = Path(FLAGS.out).resolve()
     paths = [
         p
@@ -419,8 +425,6 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.max_boxes < 0:
         raise InputError(f"--max_boxes must be >= 0 (0: no cap), got {FLAGS.max_boxes}")
     images = [load_image(p) for p in paths]  # unreadable files fail before any compute
-    if not FLAGS.checkpoint:
-        raise InputError("--checkpoint is required (a training workdir or a converted checkpoint)")
     variables = restore_variables(config, FLAGS.checkpoint, FLAGS.step)
     batch = FLAGS.batch_size or int(config.train.eval_batch_size)
     results = predict_files(

@@ -320,6 +320,43 @@ def test_unknown_config_key_is_one_line(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_unloadable_config_file_is_one_line(tmp_path):
+    """A missing config file, and a config file whose `get_config` refuses its argument (an
+    unknown variant, a typo'd or malformed argument): one line naming the file or argument and
+    the reason, exit 2, nothing created; the same through evaluate.py."""
+    workdir = tmp_path / "w"
+    cases = [
+        ("configs/nothere.py", "No such file or directory: 'configs/nothere.py'"),
+        ("configs/generated.py:daipnet3000", "unknown model variant 'daipnet3000'"),
+        ("configs/generated.py:lrf300,widht=2", "config argument 'widht'"),
+        ("configs/generated.py:lrf300,width=abc", "width='abc'"),
+    ]
+    for config, reason in cases:
+        line = _error_line(_run(["train.py", f"--config={config}", f"--workdir={workdir}"]))
+        assert line.startswith("error: ") and reason in line, (config, line)
+        assert "--config" in line
+    line = _error_line(_run(["evaluate.py", "--config=configs/nothere.py", f"--workdir={workdir}"]))
+    assert "No such file or directory: 'configs/nothere.py'" in line
+    assert not workdir.exists()
+
+
+def test_evaluate_checks_the_checkpoint_before_the_data(tmp_path):
+    """A checkpoint that does not exist is refused before the evaluation data is read: the
+    data folder named in the config does not exist either, and the error names the checkpoint."""
+    line = _error_line(
+        _run(
+            [
+                "evaluate.py",
+                "--config=configs/generated.py:lrf300",
+                f"--workdir={tmp_path / 'none'}",
+                f"--config.data.data_dir={tmp_path / 'no_data'}",
+            ]
+        )
+    )
+    assert line == f"error: checkpoint path {str(tmp_path / 'none')!r} does not exist"
+    assert not (tmp_path / "no_data").exists()
+
+
 def _folder_flags(ann: Path, img_dir: Path, *, num_classes: int = 4) -> list[str]:
     return [
         "--config=configs/coco.py:daipnet300,width=0.0625",
