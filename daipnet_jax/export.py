@@ -71,6 +71,34 @@ def stablehlo_target(requirement: str = "WEEK_12") -> Iterator[str]:
         hlo.get_version_from_compatibility_requirement = original
 
 
+def check_out_dir(out_dir: str) -> None:
+    """Refuse (`InputError`) an `--out` that exists but is neither an empty folder nor an
+    earlier SavedModel: the export replaces it whole, so it must hold nothing else."""
+    from daipnet_jax.cli import InputError
+
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+        raise InputError(f"--out {out_dir!r} exists and is not a folder")
+    if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "saved_model.pb")):
+        raise InputError(
+            f"--out {out_dir!r} is a folder that holds files but no SavedModel; not replacing it"
+        )
+
+
+def _publish(tmp_dir: str, out_dir: str) -> None:
+    """Move the finished `tmp_dir` to `out_dir`, replacing an earlier export only now."""
+    import shutil
+
+    if not os.path.lexists(out_dir):
+        os.replace(tmp_dir, out_dir)
+        return
+    old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=".old-")
+    os.replace(out_dir, os.path.join(old, "saved_model"))
+    os.replace(tmp_dir, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export_saved_model(
     config: Any, variables: Any, out_dir: str, *, model: Any = None, batch_size: int = 1
 ) -> str:
@@ -78,8 +106,10 @@ def export_saved_model(
 
     `batch_size`: images per call of the converted network (inputs of any B are padded to a
     multiple and looped over in TF); larger values serve large batches faster, 1 is best for
-    single images.
+    single images. The SavedModel is written beside `out_dir` and moved there when complete: a
+    failed export leaves an earlier one at `out_dir` as it was (`check_out_dir`).
     """
+    check_out_dir(out_dir)
     import tensorflow as tf
     from jax.experimental import jax2tf
 
@@ -166,15 +196,21 @@ def export_saved_model(
     module.serve = serve
     module.serve_single = serve_single
     module.label_map = label_map
-    with tempfile.TemporaryDirectory() as tmp:
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        tempfile.TemporaryDirectory(dir=parent, prefix=".export-") as staging,
+    ):
         table_file = os.path.join(tmp, LABEL_MAP_FILE)
         with open(table_file, "w") as f:
             json.dump(table, f, indent=1)
         module.label_map_file = tf.saved_model.Asset(table_file)  # copied into DIR/assets/
+        written = os.path.join(staging, "saved_model")
         with stablehlo_target():
             tf.saved_model.save(
                 module,
-                out_dir,
+                written,
                 signatures={
                     "serving_default": serve,
                     "serve_single": serve_single,
@@ -182,6 +218,7 @@ def export_saved_model(
                 },
                 options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
             )
+        _publish(written, out_dir)
     return out_dir
 
 
@@ -209,6 +246,7 @@ def main(argv: Sequence[str]) -> None:
         )
     # The model must be the trained one (`--config.model.*` overrides included).
     checkpoints.check_saved_config(FLAGS.checkpoint, config, "eval")
+    check_out_dir(FLAGS.out)
     variables = restore_variables(config, FLAGS.checkpoint, FLAGS.step)
     path = export_saved_model(config, variables, FLAGS.out, batch_size=FLAGS.batch_size)
     print(f"SavedModel written to {path} (signatures: serving_default, serve_single, label_map)")
@@ -224,9 +262,10 @@ def run(argv: Sequence[str] | None = None) -> None:
     config_flags.DEFINE_config_file("config", None, "config file (file.py:arg)", lock_config=False)
     flags.DEFINE_string("checkpoint", None, "training workdir or converted checkpoint directory")
     flags.DEFINE_integer("step", None, "checkpoint step (workdir only; default latest)")
-    flags.DEFINE_string("out", "saved_model", "output SavedModel directory")
+    flags.DEFINE_string(
+        "out", "saved_model", "output SavedModel folder (an earlier export there is replaced)"
+    )
     flags.DEFINE_integer("batch_size", 1, "images per call of the converted network")
-    flags.mark_flags_as_required(["out"])
     cli.run(main, dir_flags=("checkpoint",), argv=argv)
 
 

@@ -515,6 +515,50 @@ def test_predict_cli_writes_pngs_and_json(tiny):
         assert [(d["label"], d["score"]) for d in got] == [(d["label"], d["score"]) for d in want]
 
 
+def test_export_replaces_only_a_saved_model_and_only_when_complete(tiny, tmp_path, monkeypatch):
+    """`--out` holding other files (or a file) is refused and left alone; a failed export
+    leaves the earlier SavedModel as it was and no staging folder; a complete one replaces it."""
+    import tensorflow as tf
+
+    from daipnet_jax import export
+    from daipnet_jax.cli import InputError
+
+    config, model, variables = tiny["config"], tiny["model"], tiny["variables"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match="holds files but no SavedModel"):
+        export.export_saved_model(config, variables, str(mine), model=model)
+    assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="not a folder"):
+        export.export_saved_model(config, variables, str(tmp_path / "file"), model=model)
+
+    sm = tmp_path / "sm"
+    sm.mkdir()
+    (sm / "saved_model.pb").write_bytes(b"old")
+
+    def save_writing(content, fail):
+        def save(module, path, **kwargs):
+            os.makedirs(path)
+            with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+                f.write(content)
+            if fail:
+                raise RuntimeError("disk full")
+
+        return save
+
+    monkeypatch.setattr(tf.saved_model, "save", save_writing(b"partial", fail=True))
+    with pytest.raises(RuntimeError, match="disk full"):
+        export.export_saved_model(config, variables, str(sm), model=model)
+    assert (sm / "saved_model.pb").read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["file", "mine", "sm"]  # nothing staged is left
+    monkeypatch.setattr(tf.saved_model, "save", save_writing(b"new", fail=False))
+    assert export.export_saved_model(config, variables, str(sm), model=model) == str(sm)
+    assert os.listdir(sm) == ["saved_model.pb"] and (sm / "saved_model.pb").read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["file", "mine", "sm"]
+
+
 @pytest.mark.slow
 def test_saved_model_matches_jax(tiny, tmp_path):
     import tensorflow as tf
