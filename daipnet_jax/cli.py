@@ -63,8 +63,13 @@ def config_argv(argv: Sequence[str], dir_flags: Sequence[str]) -> list[str]:
             file = checkpoints.saved_config_path(d)
             if file.is_file():
                 return [argv[0], f"--config={SAVED_CONFIG}:{file}", *argv[1:]]
-    given = [f"--{n} {flag_value(argv, n)}" for n in dir_flags if flag_value(argv, n)]
-    where = f" ({', '.join(given)} has no {checkpoints.CONFIG_FILE})" if given else ""
+    given = []
+    for n in dir_flags:
+        d = flag_value(argv, n)
+        if d:
+            state = "has no " + checkpoints.CONFIG_FILE if Path(d).exists() else "does not exist"
+            given.append(f"--{n} {d} {state}")
+    where = f" ({', '.join(given)})" if given else ""
     fail(f"--config is required{where}; e.g. --config configs/generated.py:daipnet300")
     raise AssertionError  # unreachable
 

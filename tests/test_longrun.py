@@ -337,6 +337,9 @@ def test_unloadable_config_file_is_one_line(tmp_path):
         assert "--config" in line
     line = _error_line(_run(["evaluate.py", "--config=configs/nothere.py", f"--workdir={workdir}"]))
     assert "No such file or directory: 'configs/nothere.py'" in line
+    # no --config, and a workdir that does not exist: said so
+    line = _error_line(_run(["evaluate.py", f"--workdir={workdir}"]))
+    assert f"--config is required (--workdir {workdir} does not exist)" in line
     assert not workdir.exists()
 
 
