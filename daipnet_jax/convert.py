@@ -54,8 +54,18 @@ def load_state_dict(path: str | pathlib.Path) -> StateDict:
         raise ImportError(
             "weight conversion needs PyTorch: pip install 'daipnet_jax[convert]'"
         ) from e
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PyTorch >= 1.6) or, before, a pickle (protocol >= 2)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise ConversionError(
+            f"{path}: not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle)"
+        )
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as e:  # a truncated or damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"{path}: cannot read it (damaged or truncated?): {first}") from e
     except pickle.UnpicklingError as e:
         raise ConversionError(
             f"{path}: refusing to load: the pickle needs torch.load(weights_only=False), i.e. it "
@@ -491,27 +501,24 @@ def convert_file(
 
 # ------------------------------------------------------------------ CLI
 def _cli_main(argv: list[str]) -> None:
-    import sys
+    from absl import flags
 
-    from absl import app, flags
+    from daipnet_jax import cli
 
     fl = flags.FLAGS
     if len(argv) != 2 or argv[1] not in FORMATS:
-        raise app.UsageError(
-            f"expected one positional argument, the format ({', '.join(FORMATS)}); got {argv[1:]}"
-        )
+        cli.fail(f"expected one argument, the format ({', '.join(FORMATS)}); got {argv[1:]}")
     try:
         out = convert_file(argv[1], fl.input, fl.config, fl.output)
-    except (ConversionError, FileNotFoundError) as e:
-        print(f"conversion error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except ConversionError as e:
+        cli.fail(f"conversion: {e}")
     print(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m daipnet_jax.convert FORMAT --input X.pth --config CFG --output DIR`."""
     # Flags defined here, not at import: importing this module must not clash with `--config`.
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     flags.DEFINE_string("input", None, "PyTorch state dict (.pth), read with weights_only=True")
@@ -520,7 +527,9 @@ def main(argv: list[str] | None = None) -> None:
         "config", None, "config file and argument, e.g. configs/coco.py:lrf300"
     )
     flags.mark_flags_as_required(["input", "output", "config"])
-    app.run(_cli_main, argv=argv)
+    from daipnet_jax import cli
+
+    cli.run(_cli_main, argv=argv)  # errors: one line on stderr, exit 2
 
 
 if __name__ == "__main__":

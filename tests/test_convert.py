@@ -332,6 +332,27 @@ def test_error_needs_weights_only_false(tmp_path, small_ssd):
         convert.load_state_dict(path)
 
 
+def test_files_that_are_not_checkpoints_are_named(tmp_path, small_ssd):
+    """Text, an empty file and a truncated checkpoint: a ConversionError naming the file and
+    what is wrong with it; the legacy (pre-zip) format still loads."""
+    _, sd, _ = small_ssd
+    tensors = {k: torch.from_numpy(v) for k, v in sd.items()}
+    text, empty, whole = tmp_path / "notes.pth", tmp_path / "empty.pth", tmp_path / "whole.pth"
+    text.write_text("not weights\n")
+    empty.write_bytes(b"")
+    torch.save(tensors, whole)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    for path in (text, empty):
+        with pytest.raises(convert.ConversionError, match=f"{path}: not a PyTorch checkpoint"):
+            convert.load_state_dict(path)
+    with pytest.raises(convert.ConversionError, match=f"{truncated}: cannot read it"):
+        convert.load_state_dict(truncated)
+    legacy = tmp_path / "legacy.pth"
+    torch.save(tensors, legacy, _use_new_zipfile_serialization=False)
+    assert convert.load_state_dict(legacy).keys() == sd.keys()
+
+
 def test_load_state_dict_plain_wrapped_and_dataparallel(tmp_path, small_ssd):
     _, sd, _ = small_ssd
     tsd = {k: torch.from_numpy(v) for k, v in sd.items()}
@@ -389,3 +410,26 @@ def test_cli_round_trip(tmp_path, small_ssd):
     # a checkpoint for another model is refused by the restore evaluate.py and predict use
     with pytest.raises(checkpoints.CheckpointError, match="shape"):
         checkpoints.restore_variables(_config("ssd300", 0.25), out)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    """A missing input, a file that is not a checkpoint and an unknown format: one `error:`
+    line each, exit 2, no output folder."""
+    notes = tmp_path / "notes.pth"
+    notes.write_text("not weights\n")
+    out = tmp_path / "converted"
+    common = ["--config", "configs/coco.py:ssd300,width=0.125", "--output", str(out)]
+    cases = [
+        (["ssd", "--input", str(tmp_path / "missing.pth")], "missing.pth: No such file"),
+        (["ssd", "--input", str(notes)], "not a PyTorch checkpoint"),
+        (["bogus", "--input", str(notes)], "expected one argument, the format"),
+    ]
+    for args, want in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "daipnet_jax.convert", *args, *common],
+            capture_output=True, text=True, cwd=REPO, check=False,
+        )  # fmt: skip
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and want in errors[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    assert not out.exists()
