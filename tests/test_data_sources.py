@@ -70,6 +70,39 @@ def test_generated_dataset_files(generated_data, tmp_path):
     assert inner.std(axis=0).max() < 15  # a flat fill (plus sensor noise)
 
 
+def test_generated_dataset_never_overwrites(generated_config, tmp_path, capsys):
+    """A folder of the user's files, or a generated dataset with other parameters, is refused
+    (the writer, its CLI with exit 2, and training's `data.data_dir` as a ConfigError) and left
+    as it was; an empty folder is filled."""
+    from daipnet_jax.config import ConfigError
+    from daipnet_jax.data.sources import GeneratedSource
+
+    params = dict(num_train=4, num_val=2, num_classes=3, image_size=300, seed=0)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not an empty folder or a generated dataset"):
+        generated.write_dataset(str(mine), **params)
+    with pytest.raises(SystemExit) as exit_info:
+        generated.main(["--out", str(mine), "--num_train", "4", "--num_val", "2"])
+    assert exit_info.value.code == 2 and "error: " in capsys.readouterr().err
+    c = generated_config()
+    c.data.data_dir = str(mine)
+    with pytest.raises(ConfigError, match=r"data\.data_dir: .*holds other files"):
+        GeneratedSource.directory(c)
+    assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert generated.write_dataset(str(empty), **params) == str(empty)
+    before = {p: p.read_bytes() for p in sorted(empty.rglob("*")) if p.is_file()}
+    assert len(before) == 4 + 2 + 3  # images, two annotation files, meta.json
+    with pytest.raises(ValueError, match=r"num_train=4 \(asked 8\)"):
+        generated.write_dataset(str(empty), **(params | dict(num_train=8)))
+    assert {p: p.read_bytes() for p in sorted(empty.rglob("*")) if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["empty", "mine"]  # no staging folder left
+
+
 def test_generated_source_batches(generated_config):
     c = generated_config()
     c.train.batch_size = 4

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from typing import Any
 
 import numpy as np
@@ -187,7 +188,12 @@ def write_dataset(
     image_size: int = 300,
     seed: int = 0,
 ) -> str:
-    """Write the COCO-format folder (no-op when `meta.json` matches; built aside, then renamed)."""
+    """Write the COCO-format folder (built aside, then renamed into place).
+
+    A no-op when `out_dir` holds a generated dataset with these parameters. Anything else
+    already there (another generated dataset, the user's files) is never overwritten: a
+    `ValueError` says so. An empty folder is filled.
+    """
     if not 1 <= num_classes <= len(SHAPES):
         raise ValueError(f"num_classes must be in 1..{len(SHAPES)}, got {num_classes}")
     meta: dict[str, Any] = dict(
@@ -201,8 +207,21 @@ def write_dataset(
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
-            if json.load(f) == meta:
-                return out_dir
+            written = json.load(f)
+        if written == meta:
+            return out_dir
+        differ = ", ".join(
+            f"{k}={written.get(k)!r} (asked {v!r})" for k, v in meta.items() if written.get(k) != v
+        )
+        raise ValueError(
+            f"{out_dir} holds a generated dataset written with {differ}; not overwriting it "
+            "(choose another folder, or delete this one)"
+        )
+    if os.path.lexists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise ValueError(
+            f"{out_dir} exists and is not an empty folder or a generated dataset; not writing "
+            "into it (choose another folder)"
+        )
     tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -210,10 +229,8 @@ def write_dataset(
     _write_split(tmp, "val", num_val, num_classes, image_size, seed)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    os.replace(tmp, out_dir)
+    os.replace(tmp, out_dir)  # also over an empty folder
     return out_dir
 
 
@@ -226,7 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image_size", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    write_dataset(a.out, a.num_train, a.num_val, a.num_classes, a.image_size, a.seed)
+    try:
+        write_dataset(a.out, a.num_train, a.num_val, a.num_classes, a.image_size, a.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {a.out}")
 
 

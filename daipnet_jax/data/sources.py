@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from daipnet_jax.config import ConfigError
 from daipnet_jax.data import coco_folder, tfds_sources
 
 
@@ -156,6 +157,12 @@ class GeneratedSource(CocoFolderSource):
                     "generated dataset %s was written with %s; config asks %s", d, written, wanted
                 )
             return d
+        if os.path.lexists(d) and (not os.path.isdir(d) or os.listdir(d)):
+            raise ConfigError(
+                "data.data_dir",
+                f"{d} holds other files and no generated dataset (meta.json); not writing the "
+                "generated dataset into it (give a new or empty folder)",
+            )
         # imported here: `python -m daipnet_jax.data.generated` must not find itself imported
         from daipnet_jax.data import generated
 
