@@ -425,6 +425,21 @@ def merge_vgg(variables: Mapping[str, Any], vgg_variables: Mapping[str, Any]) ->
     }
 
 
+def check_conversion_target(directory: str | os.PathLike[str]) -> None:
+    """Refuse (`CheckpointError`) an output DIR that exists and is neither an empty folder nor
+    an earlier conversion (DIR/conversion.json): `save_variables` replaces it whole."""
+    p = Path(directory)
+    if not os.path.lexists(p):
+        return
+    if not p.is_dir() or p.is_symlink():
+        raise CheckpointError(f"output {str(directory)!r} exists and is not a folder")
+    if any(p.iterdir()) and not (p / METADATA_FILE).is_file():
+        raise CheckpointError(
+            f"output {str(directory)!r} holds files but no converted checkpoint "
+            f"({METADATA_FILE}); not replacing it (choose another folder)"
+        )
+
+
 def save_variables(
     variables: Mapping[str, Any],
     directory: str | os.PathLike[str],
@@ -432,18 +447,31 @@ def save_variables(
 ) -> Path:
     """Write `variables` as the orbax item DIR plus DIR/conversion.json; returns DIR.
 
-    An existing DIR is replaced (orbax `force=True`).
+    Written beside DIR and moved there when complete, so a failure leaves an earlier
+    conversion at DIR as it was; a DIR holding anything else is refused
+    (`check_conversion_target`).
     """
+    import tempfile
+
+    check_conversion_target(directory)
     directory = Path(directory).resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
     tree = {
         "params": variables.get("params", {}),
         "batch_stats": variables.get("batch_stats", {}),
     }
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(directory, tree, force=True)
-    ckpt.wait_until_finished()
-    (directory / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, sort_keys=True))
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        item = staging / "item"
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(item, tree)
+        ckpt.wait_until_finished()
+        (item / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, sort_keys=True))
+        if os.path.lexists(directory):
+            os.replace(directory, staging / "replaced")
+        os.replace(item, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 

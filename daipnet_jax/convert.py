@@ -486,6 +486,7 @@ def _to_numpy(v: Any) -> np.ndarray:
 def convert_file(
     fmt: str, input_path: str | pathlib.Path, config: Any, output: str | pathlib.Path
 ) -> pathlib.Path:
+    checkpoints.check_conversion_target(output)  # before the (slow) load
     sd = load_state_dict(input_path)
     variables = convert_state_dict(fmt, sd, config)
     meta = {

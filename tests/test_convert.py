@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -433,3 +434,34 @@ def test_cli_errors_are_one_line(tmp_path):
         assert proc.returncode == 2 and len(errors) == 1 and want in errors[0], proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_output_folder_is_replaced_only_when_it_is_a_conversion(tmp_path, monkeypatch):
+    """`save_variables` refuses a folder of other files (left as it was), replaces an earlier
+    conversion only once the new one is written, and leaves no staging folder."""
+    import orbax.checkpoint as ocp
+
+    v1 = {"params": {"w": np.ones(3, np.float32)}, "batch_stats": {}}
+    v2 = {"params": {"w": np.full(3, 2.0, np.float32)}, "batch_stats": {}}
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(checkpoints.CheckpointError, match="holds files but no converted"):
+        checkpoints.save_variables(v1, mine, {"n": 1})
+    assert os.listdir(mine) == ["notes.txt"]
+    out = tmp_path / "out"
+    checkpoints.save_variables(v1, out, {"n": 1})
+    np.testing.assert_array_equal(checkpoints.load_variables(out)["params"]["w"], 1.0)
+
+    def broken_save(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(ocp.StandardCheckpointer, "save", broken_save)
+        with pytest.raises(OSError, match="disk full"):
+            checkpoints.save_variables(v2, out, {"n": 2})
+    np.testing.assert_array_equal(checkpoints.load_variables(out)["params"]["w"], 1.0)
+    checkpoints.save_variables(v2, out, {"n": 2})
+    np.testing.assert_array_equal(checkpoints.load_variables(out)["params"]["w"], 2.0)
+    assert json.loads((out / convert.METADATA_FILE).read_text()) == {"n": 2}
+    assert sorted(os.listdir(tmp_path)) == ["mine", "out"]
