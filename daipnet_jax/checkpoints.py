@@ -498,10 +498,14 @@ def read_config(path: str | os.PathLike[str]) -> Any:
 
 
 def write_config(workdir: str | os.PathLike[str], config: Any) -> Path:
-    """Write the resolved `config` to `WORKDIR/config.json` (indented, sorted; atomic)."""
+    """Write the resolved `config` to `WORKDIR/config.json` (indented, sorted; atomic), its
+    paths absolute (`config.absolute_paths`): resume and evaluate may run from another folder."""
+    from daipnet_jax import config as config_lib
+
     file = saved_config_path(workdir)
     tmp = file.with_name(f".{CONFIG_FILE}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list) + "\n")
+    tree = config_lib.absolute_paths(config.to_dict())
+    tmp.write_text(json.dumps(tree, indent=2, sort_keys=True, default=list) + "\n")
     os.replace(tmp, file)
     return file
 

@@ -214,6 +214,33 @@ RESUME_MAY_CHANGE = (
     "postprocess.*",
     "init.*",
 )
+# Keys holding file or folder paths: saved absolute, so a saved config works from any folder.
+PATH_KEYS = (
+    "data.data_dir",
+    "data.annotation_file",
+    "data.image_dir",
+    "data.eval_annotation_file",
+    "data.eval_image_dir",
+    "init.vgg",
+    "init.checkpoint",
+)
+
+
+def absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config's nested dict with every non-empty `PATH_KEYS` value made absolute
+    (relative to the current folder, `~` expanded)."""
+    import copy
+    import os
+
+    out = copy.deepcopy(tree)
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = out.get(section, {}).get(name)
+        if isinstance(value, str) and value:
+            out[section][name] = os.path.abspath(os.path.expanduser(value))
+    return out
+
+
 # Keys that evaluation, predict and export must share with the training run: the model.
 EVAL_MUST_MATCH = ("model.*", "priors.*")
 

@@ -85,3 +85,35 @@ def test_epoch_arithmetic_in_one_place():
     c.train.batch_size = 1000
     with pytest.raises(config_lib.ConfigError, match=r"^train\.batch_size"):
         config_lib.steps_per_epoch(c, 3200)
+
+
+def test_saved_config_holds_absolute_paths(tmp_path, monkeypatch):
+    """config.json's file and folder paths are absolute (resolved against the folder the run
+    started in), so resume and evaluate work from elsewhere; empty paths stay empty; every
+    `PATH_KEYS` entry is a config key; the running config is not changed."""
+    import json
+    import os
+
+    from daipnet_jax import checkpoints
+    from daipnet_jax import config as config_lib
+
+    c = config_lib.base_config("daipnet300", "coco")
+    flat = config_lib.flat_items(c)
+    assert all(key in flat for key in config_lib.PATH_KEYS)
+    monkeypatch.chdir(tmp_path)
+    c.data.data_dir = "data/gen"
+    c.data.eval_annotation_file = "ann/val.json"
+    c.init.vgg = "~/weights/vgg"
+    c.data.image_dir = str(tmp_path / "abs")
+    (tmp_path / "w").mkdir()
+    saved = json.loads(checkpoints.write_config("w", c).read_text())
+    assert saved["data"]["data_dir"] == str(tmp_path / "data" / "gen")
+    assert saved["data"]["eval_annotation_file"] == str(tmp_path / "ann" / "val.json")
+    assert saved["init"]["vgg"] == os.path.join(os.path.expanduser("~"), "weights", "vgg")
+    assert saved["data"]["image_dir"] == str(tmp_path / "abs")
+    assert saved["data"]["annotation_file"] == "" and saved["init"]["checkpoint"] == ""
+    assert c.data.data_dir == "data/gen"  # the run's own config is as given
+    # the saved config reads back with the same keys and the other values unchanged
+    others = {k: v for k, v in flat.items() if k not in config_lib.PATH_KEYS}
+    back = config_lib.flat_items(checkpoints.read_config("w"))
+    assert {k: back[k] for k in others} == others
