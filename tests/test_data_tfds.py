@@ -222,3 +222,20 @@ def test_tfds_process_shards_disjoint(tfds_dir):
             int(i) for b in batches for i, v in zip(b["image_id"], b["valid"], strict=True) if v
         ]
     assert sorted(ids) == [21, 22, 23]
+
+
+def test_unprepared_dataset_is_refused_without_a_download(tmp_path):
+    """A builder not prepared in data_dir: a ConfigError naming data.data_dir, the builder and
+    the command that prepares it, at once (no download is started, nothing is written)."""
+    import time
+
+    from daipnet_jax.config import ConfigError
+    from daipnet_jax.data import tfds_sources
+
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"data\.data_dir: tfds dataset voc/2012 is not prepared"):
+        tfds_sources.num_examples("voc/2012", "train", str(tmp_path / "none"))
+    assert time.perf_counter() - start < 30
+    with pytest.raises(ConfigError, match=r"tfds\.builder\('coco/2017', data_dir='"):
+        tfds_sources.num_examples("coco/2017", "validation", str(tmp_path / "none"))
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").rglob("*.zip"))

@@ -7,6 +7,7 @@ choices (VOC difficult, image ids, `trainval`): docs/design.md, tfds sources.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -56,10 +57,22 @@ def label_map(tfds_name: str) -> tuple[list[int], list[str]]:
 
 
 def _builders(tfds_name: str, data_dir: str) -> list[tfds.core.DatasetBuilder]:
+    """The prepared builders of `tfds_name`; one not prepared is a `ConfigError` saying how to
+    prepare it (training never downloads: COCO is ~25 GB, and a machine without network
+    would retry for minutes before a traceback)."""
+    from daipnet_jax.config import ConfigError
+
     out = []
     for n in names(tfds_name):
         b = tfds.builder(n, data_dir=data_dir or None)
-        b.download_and_prepare()  # a no-op when prepared
+        if not b.is_prepared():
+            where = data_dir or str(b.data_dir).split(os.sep + n.split("/")[0])[0]
+            raise ConfigError(
+                "data.data_dir",
+                f"tfds dataset {n} is not prepared in {where}; prepare it once with "
+                f"python -c \"import tensorflow_datasets as tfds; tfds.builder('{n}', "
+                f"data_dir='{where}').download_and_prepare()\" (README, COCO and VOC)",
+            )
         out.append(b)
     return out
 
