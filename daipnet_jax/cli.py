@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 TRACEBACK_ENV = "DAIPNET_TRACEBACK"
+HELP_FLAGS = {"--help", "-?", "--helpshort", "--helpfull", "--helpxml"}
 SAVED_CONFIG = Path(__file__).resolve().parent / "configs" / "saved.py"
 
 
@@ -53,7 +54,7 @@ def config_argv(argv: Sequence[str], dir_flags: Sequence[str]) -> list[str]:
     """`argv` with a `--config` from the saved config when none is given. The caller checks a
     given `--config` against the saved one."""
     argv = list(argv)
-    if flag_value(argv, "config") is not None:
+    if flag_value(argv, "config") is not None or HELP_FLAGS & set(argv):
         return argv
     from daipnet_jax import checkpoints
 
@@ -110,6 +111,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
     try:
         return flags.FLAGS(argv)
+    except SystemExit:  # absl prints the asked-for help, then exits 1: help is not an error
+        if HELP_FLAGS & set(argv):
+            raise SystemExit(0) from None
+        raise
     except Exception as e:
         if _show_traceback():
             raise

@@ -343,6 +343,16 @@ def test_unloadable_config_file_is_one_line(tmp_path):
     assert not workdir.exists()
 
 
+def test_help_needs_no_config(tmp_path):
+    """`--help` answers without `--config` (it used to say --config is required), exit 0."""
+    for script, flag in (("train.py", "--workdir"), ("evaluate.py", "--checkpoint")):
+        proc = _run([script, "--help"], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert flag in proc.stdout + proc.stderr and "error:" not in proc.stderr
+    proc = _run(["-m", "daipnet_jax.export", "--helpshort"], cwd=REPO)
+    assert proc.returncode == 0 and "--out" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
 def test_evaluate_checks_the_checkpoint_before_the_data(tmp_path):
     """A checkpoint that does not exist is refused before the evaluation data is read: the
     data folder named in the config does not exist either, and the error names the checkpoint."""
