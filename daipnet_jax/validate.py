@@ -25,6 +25,7 @@ from daipnet_jax.models import SWITCHES
 
 SOURCES = ("generated", "tfds", "coco_folder")
 TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
+OPTIMIZERS = ("sgd", "adam")  # training.schedule.make_optimizer
 __all__ = ["ConfigError", "check_writable", "validate_config", "validate_inputs"]
 
 
@@ -72,7 +73,8 @@ def validate_config(
     validate without touching the backend. Checks, in order: model switches and family, image
     size against the prior table, num_classes against the dataset, dtype, data source and its
     required keys, batch divisibility over devices and processes, optimiser and schedule
-    numbers, durations, logging/checkpoint periods, the transfer guard.
+    numbers, durations, logging/checkpoint periods, the transfer guard, the optimiser name,
+    the post-processing thresholds and counts.
     """
     m = config.model
     family = _one_of(config, "model.family", SWITCHES["family"])
@@ -176,6 +178,16 @@ def validate_config(
     _positive(config, "train.eval_every_steps", allow_zero=True)
     _positive(config, "train.max_train_seconds", allow_zero=True)
     _one_of(config, "train.transfer_guard", TRANSFER_GUARDS)
+    _one_of(config, "train.optimizer", OPTIMIZERS)
+    p = config.postprocess
+    if not 0 < p.nms_iou <= 1:
+        raise ConfigError("postprocess.nms_iou", f"{p.nms_iou!r} must be in (0, 1]")
+    if not 0 <= p.score_threshold < 1:
+        raise ConfigError("postprocess.score_threshold", f"{p.score_threshold!r} must be in [0, 1)")
+    for key in ("per_class_max", "max_detections", "pre_nms_top_k"):
+        value = _get(config, f"postprocess.{key}")
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"postprocess.{key}", f"{value!r} must be a positive int")
     if config.init.vgg and config.init.checkpoint:
         raise ConfigError("init.vgg", "set either init.vgg or init.checkpoint, not both")
 

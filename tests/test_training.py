@@ -112,6 +112,13 @@ BAD_VALUES = [
     ("train.total_steps", 0),
     ("train.match_iou", 0.0),
     ("train.transfer_guard", "sometimes"),
+    ("train.optimizer", "adamw"),
+    ("postprocess.nms_iou", 1.5),
+    ("postprocess.nms_iou", 0.0),
+    ("postprocess.score_threshold", -1.0),
+    ("postprocess.score_threshold", 1.0),
+    ("postprocess.max_detections", 0),
+    ("postprocess.pre_nms_top_k", -1),
 ]
 
 
