@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
         eval_fn = functools.partial(evaluate_during_training, workdir=workdir)
         train_and_evaluate(_CONFIG.value, workdir, eval_fn=eval_fn)
     except NonFiniteError as e:
-        cli.fail(f"training stopped: {e}", code=3)
+        cli.fail(str(e), code=3)  # the message says the run stopped and where it left off
 
 
 if __name__ == "__main__":
