@@ -122,7 +122,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "config file (file.py:arg)", lock_config=False)
@@ -137,12 +137,14 @@ def run(argv: Sequence[str] | None = None) -> None:
 
         try:
             main(args)
-        except (BrowseError, FileNotFoundError, OSError, tf.errors.OpError) as e:
+        except (BrowseError, tf.errors.OpError) as e:  # file errors: cli.run, one line too
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
             print(f"error: {msg}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(_main, argv=list(argv) if argv is not None else None)
+    from daipnet_jax import cli
+
+    cli.run(_main, argv=argv)  # flag and --config errors: one line, exit 2
 
 
 if __name__ == "__main__":

@@ -327,4 +327,14 @@ def test_model_summary_cli_overrides():
         cwd=REPO,
         timeout=300,
     )
-    assert proc.returncode != 0 and "widht" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+        last
+        == "error: --config.model.widht: no such config key; did you mean --config.model.width?"
+    )
+    for tool in ("daipnet_jax.models", "daipnet_jax.browse"):
+        proc = _cli(["-m", tool, "--config=configs/nope.py"], cwd=REPO, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last == "error: --config: No such file or directory: 'configs/nope.py'", tool

@@ -10,7 +10,6 @@ XLA's forward GFLOPs (`--noflops` skips the compilation).
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,10 +78,11 @@ def run(argv: Sequence[str] | None = None) -> None:
         try:
             summary(FLAGS.config, FLAGS.batch, FLAGS.flops)
         except (ValueError, KeyError) as e:
-            print(f"config error: {e}", file=sys.stderr)
-            sys.exit(2)
+            cli.fail(f"config: {e}")
 
-    app.run(_main, argv=list(argv) if argv is not None else None)
+    from daipnet_jax import cli
+
+    cli.run(_main, argv=argv)  # flag and --config errors: one line, exit 2
 
 
 if __name__ == "__main__":
