@@ -6,7 +6,9 @@
 `--workdir`: a training workdir; its newest checkpoint that restores (or `--step`) of
 `DIR/checkpoints` is evaluated and the outputs go to `DIR/eval/`. `--checkpoint`: a converted
 checkpoint directory (`python -m daipnet_jax.convert`), another training workdir or its
-`checkpoints_best`; outputs go to `--workdir` if given, else `CHECKPOINT/eval/`. `--config`
+`checkpoints_best`, or one step's folder (`WORKDIR/checkpoints/N`, read as `--workdir WORKDIR
+--step N`); outputs go to `--workdir` if given, else `CHECKPOINT/eval/` (`WORKDIR/eval/` for a
+step's folder). `--config`
 defaults to the config the training saved (`WORKDIR/config.json`); a given `--config` whose
 model differs from it is refused. `--max_images N`: a quick evaluation of the first N images,
 written to `eval/metrics_partial.json` only (full-run metrics are never overwritten by it).
@@ -56,6 +58,9 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     source = FLAGS.checkpoint or FLAGS.workdir
     out_dir = FLAGS.workdir or FLAGS.checkpoint
+    found = checkpoints.step_dir(out_dir)
+    if found is not None:  # WORKDIR/checkpoints/N: outputs go to WORKDIR/eval, not into N
+        out_dir = str(found[0])
     for d in (FLAGS.checkpoint, FLAGS.workdir):  # the model must be the trained one
         if d and checkpoints.check_saved_config(d, config, "eval") is not None:
             break

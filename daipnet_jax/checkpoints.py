@@ -256,11 +256,31 @@ def saved_steps(directory: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def step_dir(path: str | os.PathLike[str]) -> tuple[Path, int] | None:
+    """(workdir, step) when `path` is one saved step, `WORKDIR/checkpoints/<step>` (or under
+    `checkpoints_best`); else None. Reading it is reading the workdir at that step."""
+    p = Path(path).resolve()
+    if p.name.isdigit() and p.parent.name in (CHECKPOINT_DIR, BEST_DIR) and p.is_dir():
+        return p.parent.parent, int(p.name)
+    return None
+
+
+def _with_step(path: str | os.PathLike[str], step: int | None) -> tuple[Any, int | None]:
+    """`path` and `step`, a step directory turned into its checkpoints directory and step."""
+    found = step_dir(path)
+    if found is None:
+        return path, step
+    if step is not None and int(step) != found[1]:
+        raise CheckpointError(f"step {step} contradicts the step directory {str(path)!r}")
+    return Path(path).resolve().parent, found[1]
+
+
 def check_checkpoint_path(path: str | os.PathLike[str], step: int | None = None) -> Path:
     """The absolute checkpoint path, after the checks that need no read (a `CheckpointError`
     naming the path): it exists, is a readable folder, and a training workdir has saved steps,
     `step` among them; a converted folder takes no `step`. Commands call it before slower
     set-up (data, compilation)."""
+    path, step = _with_step(path, step)
     p = Path(path).resolve()  # orbax wants absolute paths; users give relative ones
     if not p.exists():
         raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
@@ -292,6 +312,7 @@ def load_variables_and_step(
     are named in a one-line warning and left on disk. A `step` that does not exist raises
     `CheckpointError` listing the steps that do (`check_checkpoint_path`).
     """
+    path, step = _with_step(path, step)
     p = check_checkpoint_path(path, step)
     _drop_closed_loop_noise()  # before any read: a failing orbax read may print it at once
     if not _is_training_dir(p):
@@ -478,7 +499,8 @@ def save_variables(
 # ------------------------------------------------------------------ the workdir's config
 def saved_config_path(path: str | os.PathLike[str]) -> Path:
     """`WORKDIR/config.json` of a workdir (or of the workdir above a checkpoints directory)."""
-    p = Path(path).resolve()
+    found = step_dir(path)
+    p = found[0] if found else Path(path).resolve()
     if p.name in (CHECKPOINT_DIR, BEST_DIR) and not (p / CONFIG_FILE).exists():
         p = p.parent
     return p / CONFIG_FILE

@@ -211,8 +211,9 @@ def test_interrupted_run_with_damaged_checkpoint_resumes_exactly(trained, tmp_pa
 def test_evaluate_falls_back_and_partial_metrics(trained, tmp_path):
     """evaluate.py without --config or --step on a workdir whose newest step is damaged (a
     truncated array file): a one-line warning names step 4, step 2 is evaluated, step 4 stays
-    on disk unchanged. --max_images writes metrics_partial.json only. A relative --checkpoint
-    works for predict, which also reads the saved config."""
+    on disk unchanged. --max_images writes metrics_partial.json only. A step's folder works as
+    --checkpoint. A relative --checkpoint works for predict, which also reads the saved
+    config."""
     workdir = _copy(trained, tmp_path)
     _truncate_largest_array(workdir / "checkpoints" / "4")
     before = _hashes(workdir)
@@ -226,6 +227,16 @@ def test_evaluate_falls_back_and_partial_metrics(trained, tmp_path):
     assert [k for k in new if not k.startswith("events.out")] == ["eval/metrics_partial.json"]
     metrics = json.loads((workdir / "eval" / "metrics_partial.json").read_text())
     assert metrics["step"] == 2 and metrics["partial"] is True and metrics["num_images"] == 3
+    # One step's folder as --checkpoint: that step, the workdir's config, outputs in the
+    # workdir's eval/ (never inside the orbax step folder).
+    (workdir / "eval" / "metrics_partial.json").unlink()
+    proc = _run(["evaluate.py", "--checkpoint=copy/checkpoints/2", "--max_images=2"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((workdir / "eval" / "metrics_partial.json").read_text())
+    assert metrics["step"] == 2 and metrics["num_images"] == 2
+    assert {k: v for k, v in _hashes(workdir).items() if k.startswith("checkpoints")} == {
+        k: v for k, v in after.items() if k.startswith("checkpoints")
+    }
     # predict: relative checkpoint path, config from the workdir.
     img = tmp_path / "in.png"
     from PIL import Image
