@@ -243,6 +243,8 @@ def validate_inputs(
     source = sources.get(config)
     if not isinstance(source, sources.CocoFolderSource):
         return
+    if isinstance(source, sources.GeneratedSource):
+        source.warn_if_different(config)
     splits = (["train"] if train else []) + (["eval"] if evaluate else [])
     prefix = {"train": "data.", "eval": "data.eval_"}
     for split in splits:

@@ -237,3 +237,21 @@ def test_two_processes_disjoint_shards(coco_folder_config, coco_folder_data):
             int(i) for e in batches for i, v in zip(e["image_id"], e["valid"], strict=True) if v
         ]
     assert counts == [3, 3] and sorted(ids) == val
+
+
+def test_generated_parameter_mismatch_is_warned_once(generated_config, caplog):
+    """A generated folder written with other `data.generated_*` values is used as it is, with
+    one warning per run (from `validate_inputs`), not one per file access."""
+    import logging
+
+    from daipnet_jax.data.sources import GeneratedSource
+    from daipnet_jax.validate import validate_inputs
+
+    c = generated_config()
+    c.data.generated_num_train = c.data.generated_num_train + 1
+    with caplog.at_level(logging.WARNING):
+        validate_inputs(c, train=True, evaluate=True)
+        for split in ("train", "eval", "train"):
+            GeneratedSource().files(c, split)
+    warned = [r for r in caplog.records if "was written with" in r.getMessage()]
+    assert len(warned) == 1 and "used as it is" in warned[0].getMessage()

@@ -137,25 +137,39 @@ class GeneratedSource(CocoFolderSource):
         return os.path.join(d, f"instances_{name}.json"), os.path.join(d, "images", name)
 
     @staticmethod
-    def directory(config: Any) -> str:
-        """The folder, written if missing. An existing folder (e.g. written by the CLI with
-        another seed) is used as it is, never overwritten; a parameter mismatch is logged."""
+    def _wanted(config: Any) -> tuple[str, dict[str, Any]]:
         d = config.data.data_dir or os.path.join(
             os.path.expanduser("~"), ".cache", "daipnet_jax", "generated"
         )
-        wanted = dict(
+        return d, dict(
             num_train=config.data.generated_num_train,
             num_val=config.data.generated_num_val,
             num_classes=config.data.generated_num_classes,
             image_size=config.data.generated_image_size,
         )
+
+    @classmethod
+    def warn_if_different(cls, config: Any) -> None:
+        """Log (once per call; `validate_inputs` calls it once per run) when the existing
+        folder was written with other `data.generated_*` values than the config's."""
+        d, wanted = cls._wanted(config)
         meta = os.path.join(d, "meta.json")
         if os.path.exists(meta):
             written = coco_folder.load_json(meta)
             if any(written.get(k) != v for k, v in wanted.items()):
                 logging.warning(
-                    "generated dataset %s was written with %s; config asks %s", d, written, wanted
+                    "generated dataset %s was written with %s; config asks %s (used as it is)",
+                    d,
+                    written,
+                    wanted,
                 )
+
+    @classmethod
+    def directory(cls, config: Any) -> str:
+        """The folder, written if missing. An existing folder (e.g. written by the CLI with
+        another seed) is used as it is, never overwritten (`warn_if_different`)."""
+        d, wanted = cls._wanted(config)
+        if os.path.exists(os.path.join(d, "meta.json")):
             return d
         if os.path.lexists(d) and (not os.path.isdir(d) or os.listdir(d)):
             raise ConfigError(
