@@ -270,6 +270,19 @@ def test_evaluate_errors_name_the_step(trained, tmp_path):
     assert _hashes(workdir) == before
 
 
+def test_resume_of_a_finished_run_says_so(trained, tmp_path):
+    """train.py on a workdir already at its last step trains nothing, says so, and leaves the
+    checkpoints as they were."""
+    workdir = _copy(trained, tmp_path)
+    before = {k: v for k, v in _hashes(workdir).items() if k.startswith("checkpoints")}
+    proc = _run(["train.py", "--workdir=copy"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 4 already reaches the run's 4 steps: nothing to train" in proc.stdout
+    assert "step 5" not in proc.stdout
+    after = {k: v for k, v in _hashes(workdir).items() if k.startswith("checkpoints")}
+    assert after == before
+
+
 # ------------------------------------------------------------------ the saved config
 @pytest.mark.slow  # shares the trained workdir
 def test_saved_config_refuses_a_conflicting_config(trained, tmp_path):

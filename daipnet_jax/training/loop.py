@@ -268,6 +268,12 @@ def train_and_evaluate(
     if is_chief:
         checkpoints.write_config(workdir_p, config)
     step = int(jax.device_get(state.step))
+    if step >= total and is_chief:
+        print(
+            f"step {step} already reaches the run's {total} steps: nothing to train"
+            + (" (the final evaluation runs again)" if eval_fn is not None else ""),
+            flush=True,
+        )
 
     train_step = step_lib.make_train_step(config, model, tx, schedule, priors, mesh)
     make_iter = _default_train_iter if train_iter_fn is None else train_iter_fn
