@@ -198,7 +198,8 @@ def evaluate(
     metrics["num_images"] = images
     metrics["seconds"] = seconds
     metrics["images_per_s"] = images / seconds if seconds > 0 else 0.0
-    _progress(f"eval: {images} images in {seconds:.1f} s ({metrics['images_per_s']:.1f} images/s)")
+    noun = "image" if images == 1 else "images"
+    _progress(f"eval: {images} {noun} in {seconds:.1f} s ({metrics['images_per_s']:.1f} images/s)")
     partial = int(config.data.get("eval_max_images", 0)) > 0
     if partial:
         metrics["partial"] = True
