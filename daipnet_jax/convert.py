@@ -486,7 +486,10 @@ def _to_numpy(v: Any) -> np.ndarray:
 def convert_file(
     fmt: str, input_path: str | pathlib.Path, config: Any, output: str | pathlib.Path
 ) -> pathlib.Path:
+    from daipnet_jax.validate import check_writable
+
     checkpoints.check_conversion_target(output)  # before the (slow) load
+    check_writable(pathlib.Path(output).resolve().parent, "--output")  # staged beside it
     sd = load_state_dict(input_path)
     variables = convert_state_dict(fmt, sd, config)
     meta = {

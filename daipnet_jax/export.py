@@ -247,6 +247,10 @@ def main(argv: Sequence[str]) -> None:
     # The model must be the trained one (`--config.model.*` overrides included).
     checkpoints.check_saved_config(FLAGS.checkpoint, config, "eval")
     check_out_dir(FLAGS.out)
+    from daipnet_jax.validate import check_writable
+
+    # the SavedModel is staged beside --out: its folder must take files (before converting)
+    check_writable(os.path.dirname(os.path.abspath(FLAGS.out)), "--out")
     variables = restore_variables(config, FLAGS.checkpoint, FLAGS.step)
     path = export_saved_model(config, variables, FLAGS.out, batch_size=FLAGS.batch_size)
     print(f"SavedModel written to {path} (signatures: serving_default, serve_single, label_map)")

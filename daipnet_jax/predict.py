@@ -439,9 +439,9 @@ def main(argv: Sequence[str]) -> None:
         max_boxes=FLAGS.max_boxes or None,
     )
     n = sum(len(r["detections"]) for r in results)
-    images = f"{len(results)} image" + ("" if len(results) == 1 else "s")
+    counted = f"{len(results)} image" + ("" if len(results) == 1 else "s")
     dets = f"{n} detection" + ("" if n == 1 else "s")
-    print(f"{images}, {dets} (score >= {FLAGS.score_threshold}) → {FLAGS.out}")
+    print(f"{counted}, {dets} (score >= {FLAGS.score_threshold}) → {FLAGS.out}")
 
 
 def _define_flags() -> None:
