@@ -414,8 +414,8 @@ def test_cli_round_trip(tmp_path, small_ssd):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    """A missing input, a file that is not a checkpoint and an unknown format: one `error:`
-    line each, exit 2, no output folder."""
+    """A missing input, a file that is not a checkpoint, an unknown format and an output that
+    cannot be written: one `error:` line each, exit 2, no output folder."""
     notes = tmp_path / "notes.pth"
     notes.write_text("not weights\n")
     out = tmp_path / "converted"
@@ -425,9 +425,11 @@ def test_cli_errors_are_one_line(tmp_path):
         (["ssd", "--input", str(notes)], "not a PyTorch checkpoint"),
         (["bogus", "--input", str(notes)], "expected one argument, the format"),
     ]
+    unwritable = ["ssd", "--input", str(notes), "--output", "/proc/daipnet/x"]  # last one wins
+    cases.append((unwritable, "--output: '/proc/daipnet' is not writable"))
     for args, want in cases:
         proc = subprocess.run(
-            [sys.executable, "-m", "daipnet_jax.convert", *args, *common],
+            [sys.executable, "-m", "daipnet_jax.convert", args[0], *common, *args[1:]],
             capture_output=True, text=True, cwd=REPO, check=False,
         )  # fmt: skip
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
