@@ -613,6 +613,16 @@ def main() -> None:
             print("  3 traced steps:", flush=True)
             print("\n".join(profile_summary(profile)), flush=True)
 
+    def ab_result(name: str, suffix: str, img_s: float, what: str, inverse: bool = False) -> None:
+        """Record an A/B of the bfloat16 DAIPNet300 step: the variant's images/s and
+        `<name>_train_speedup` (variant over this run's step; `inverse`: the other way)."""
+        base = float(results[f"train_daipnet300_bfloat16_b{b}_img_s"])
+        ratio = base / img_s if inverse else img_s / base
+        results[f"train_daipnet300_bfloat16_b{b}_img_s_{suffix}"] = f"{img_s:.1f}"
+        results[f"{name}_train_speedup"] = f"{ratio:.3f}"
+        print(f"  train b{b} daipnet300 bfloat16 {what}: {img_s:.1f} img/s ({name} "
+              f"speed-up {ratio:.3f}x)", flush=True)  # fmt: skip
+
     def conv_graphs() -> None:
         # XLA reads its flags once per process: the step without convolutions in CUDA graphs
         # runs in a child started with the user's flags and `DAIPNET_GPU_CONV_GRAPHS=0`.
@@ -636,14 +646,9 @@ def main() -> None:
             print(f"  conv graphs A/B: the child failed (exit {proc.returncode}):")
             print("\n".join((proc.stdout + proc.stderr).splitlines()[-5:]))
             return
-        ratio = float(results[ours]) / float(child[ours])
-        results[f"train_daipnet300_bfloat16_b{b}_img_s_no_conv_graphs"] = child[ours]
-        results["conv_graphs_train_speedup"] = f"{ratio:.3f}"
-        print(
-            f"  train b{b} daipnet300 bfloat16 without convolutions in CUDA graphs: "
-            f"{float(child[ours]):.1f} img/s; with them {ratio:.3f}x that",
-            flush=True,
-        )
+        # the baseline is the variant here: the speed-up is that of the graphs
+        ab_result("conv_graphs", "no_conv_graphs", float(child[ours]), "without convolutions "
+                  "in CUDA graphs", inverse=True)  # fmt: skip
 
     def bn_grad() -> None:
         # The model's BatchNorm layers with the closed-form gradient of bench/batchnorm_grad.py
@@ -660,14 +665,8 @@ def main() -> None:
 
         with closed_form_batchnorm():
             r = train_bench("daipnet300", args.width, "bfloat16", b, args.iters, "", warm_s)
-        ratio = (b / r["step"]) / float(results[ours])
-        results[f"train_daipnet300_bfloat16_b{b}_img_s_closed_form_bn"] = f"{b / r['step']:.1f}"
-        results["closed_form_bn_train_speedup"] = f"{ratio:.3f}"
-        print(
-            f"  train b{b} daipnet300 bfloat16 with closed-form BatchNorm gradients: "
-            f"{b / r['step']:.1f} img/s, {ratio:.3f}x Flax's BatchNorm (loss {r['loss']:.3f})",
-            flush=True,
-        )
+        ab_result("closed_form_bn", "closed_form_bn", b / r["step"], "with closed-form "
+                  f"BatchNorm gradients (loss {r['loss']:.3f})")  # fmt: skip
 
     def torch_anchor() -> None:
         if not budget.ok("PyTorch LRF300", need["torch"]):

@@ -203,6 +203,21 @@ def test_accelerator_profile_summary_without_a_trace(tmp_path):
 
 
 # ------------------------------------------------------------------ bench/batchnorm_grad.py
+def _run_x64(script: str, timeout: float) -> subprocess.CompletedProcess:
+    """`python -c script` in the repository with jax_enable_x64 (float64 references)."""
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, JAX_ENABLE_X64="1"),
+        timeout=timeout,
+        check=False,
+    )
+
+
 _BN_FLOAT64 = r"""
 import sys
 import jax, numpy as np, flax.linen as nn
@@ -245,17 +260,7 @@ def test_batchnorm_custom_vjp_equals_flax_in_float64():
     """The hand-written BatchNorm gradient that bench/batchnorm_grad.py times is Flax's: in
     float64 (a subprocess with jax_enable_x64), the same loss, gradients and running statistics
     on a conv-BN stack, and the same inference output."""
-    import os
-
-    proc = subprocess.run(
-        [sys.executable, "-c", _BN_FLOAT64],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ, JAX_ENABLE_X64="1"),
-        timeout=300,
-        check=False,
-    )
+    proc = _run_x64(_BN_FLOAT64, timeout=300)
     assert proc.returncode == 0 and "BN OK" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -307,16 +312,6 @@ def test_closed_form_batchnorm_swaps_every_model_batchnorm_in_float64():
     """The accelerator bench's whole-model A/B (`closed_form_batchnorm`) replaces every
     BatchNorm of DAIPNet300 and LRF300 and changes no number: in float64, the same loss,
     gradients and batch statistics as Flax's BatchNorm; the models are restored afterwards."""
-    import os
-
-    proc = subprocess.run(
-        [sys.executable, "-c", _BN_MODEL_FLOAT64],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ, JAX_ENABLE_X64="1"),
-        timeout=600,
-        check=False,
-    )
+    proc = _run_x64(_BN_MODEL_FLOAT64, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "daipnet300 65 OK" in proc.stdout and "lrf300 37 OK" in proc.stdout, proc.stdout
