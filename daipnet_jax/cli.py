@@ -6,9 +6,9 @@ one-line errors.
   through `configs/saved.py`) becomes `--config`; `--config.KEY=VALUE` overrides still apply.
 - `parse_flags`: absl's flag parser, with bad flags and unknown `--config.` keys as one line.
 - `run(main, dir_flags)`: `app.run` with both, and every user-facing error (`ConfigError`,
-  `CheckpointError`, `InputError`, a file that cannot be read or written) printed as one line
-  `error: ...` on stderr with exit code 2, as is a `--config` file that is missing or whose
-  `get_config` raises. `DAIPNET_TRACEBACK=1` shows the traceback instead.
+  `CheckpointError`, `InputError`, absl's `UsageError`, a file that cannot be read or written)
+  printed as one line `error: ...` on stderr with exit code 2, as is a `--config` file that is
+  missing or whose `get_config` raises. `DAIPNET_TRACEBACK=1` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -148,8 +148,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def call(main: Callable[[list[str]], Any], argv: list[str]) -> Any:
     """`main(argv)` with user-facing errors as one line (see the module docstring)."""
+    from absl import app
+
     try:
         return main(argv)
+    except app.UsageError as e:  # absl would print the whole usage text, then exit 1
+        if _show_traceback():
+            raise
+        fail(f"{e} (--helpshort lists the flags)")
     except user_errors() as e:
         if _show_traceback():
             raise

@@ -368,13 +368,19 @@ def test_unloadable_config_file_is_one_line(tmp_path):
 
 
 def test_help_needs_no_config(tmp_path):
-    """`--help` answers without `--config` (it used to say --config is required), exit 0."""
+    """`--help` answers without `--config` (it used to say --config is required), exit 0; a
+    stray positional argument is one line."""
     for script, flag in (("train.py", "--workdir"), ("evaluate.py", "--checkpoint")):
         proc = _run([script, "--help"], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert flag in proc.stdout + proc.stderr and "error:" not in proc.stderr
     proc = _run(["-m", "daipnet_jax.export", "--helpshort"], cwd=REPO)
     assert proc.returncode == 0 and "--out" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    # a stray argument: one line (absl printed the whole usage text), exit 2
+    args = ["train.py", "--config=configs/generated.py:lrf300", "--workdir=w", "stray"]
+    line = _error_line(_run(args, cwd=tmp_path))
+    assert line == "error: unexpected arguments: ['stray'] (--helpshort lists the flags)"
+    assert not (tmp_path / "w").exists()
 
 
 def test_evaluate_checks_the_checkpoint_before_the_data(tmp_path):
