@@ -416,7 +416,7 @@ def _folder_flags(ann: Path, img_dir: Path, *, num_classes: int = 4) -> list[str
 def test_bad_training_data_fails_before_compiling(coco_folder_data, tmp_path):
     """A missing annotation file, an image folder without the listed images, a folder where
     no image has a usable box (it used to hang) and a wrong num_classes: one line each, exit
-    2, before any compilation, no checkpoint written."""
+    2, before any compilation, nothing written (a workdir the run made is removed again)."""
     ann, img_dir = Path(coco_folder_data["annotation_file"]), Path(coco_folder_data["image_dir"])
     workdir = tmp_path / "w"
     cases = []
@@ -454,8 +454,12 @@ def test_bad_training_data_fails_before_compiling(coco_folder_data, tmp_path):
         line = _error_line(proc)
         assert message in line, (message, line)
         assert "first step" not in proc.stdout
-        assert not (workdir / "checkpoints").exists()
+        assert not workdir.exists()  # not even an empty workdir is left behind
         print(f"\n{message[:40]}: {time.perf_counter() - start:.1f} s")
+    # an existing (empty) workdir is the user's: it stays
+    workdir.mkdir()
+    _error_line(_run(["train.py", *cases[0][0], f"--workdir={workdir}"], timeout=300))
+    assert workdir.is_dir()
 
 
 @pytest.mark.slow  # shares the trained workdir

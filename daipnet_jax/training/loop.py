@@ -205,12 +205,18 @@ def train_and_evaluate(
     validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
     workdir_p = Path(workdir).resolve()
     is_chief = jax.process_index() == 0
+    created = not workdir_p.exists()
     if is_chief:
         check_writable(workdir_p)
-    checkpoints.check_saved_config(workdir_p, config, "resume")
-    if train_iter_fn is None:
-        # Files, folders, classes and usable examples: before anything is compiled.
-        validate_inputs(config, evaluate=eval_fn is not None, process_count=jax.process_count())
+    try:
+        checkpoints.check_saved_config(workdir_p, config, "resume")
+        if train_iter_fn is None:
+            # Files, folders, classes and usable examples: before anything is compiled.
+            validate_inputs(config, evaluate=eval_fn is not None, process_count=jax.process_count())
+    except Exception:
+        if is_chief and created and workdir_p.is_dir() and not any(workdir_p.iterdir()):
+            workdir_p.rmdir()  # a refused run leaves no empty workdir behind
+        raise
     t = config.train
 
     mesh = sharding.make_mesh()
