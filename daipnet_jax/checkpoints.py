@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -472,8 +473,6 @@ def save_variables(
     conversion at DIR as it was; a DIR holding anything else is refused
     (`check_conversion_target`).
     """
-    import tempfile
-
     check_conversion_target(directory)
     directory = Path(directory).resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
