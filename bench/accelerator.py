@@ -613,10 +613,12 @@ def main() -> None:
             print("  3 traced steps:", flush=True)
             print("\n".join(profile_summary(profile)), flush=True)
 
+    base_key = f"train_daipnet300_bfloat16_b{b}_img_s"  # the step both A/Bs compare with
+
     def ab_result(name: str, suffix: str, img_s: float, what: str, inverse: bool = False) -> None:
         """Record an A/B of the bfloat16 DAIPNet300 step: the variant's images/s and
         `<name>_train_speedup` (variant over this run's step; `inverse`: the other way)."""
-        base = float(results[f"train_daipnet300_bfloat16_b{b}_img_s"])
+        base = float(results[base_key])
         ratio = base / img_s if inverse else img_s / base
         results[f"train_daipnet300_bfloat16_b{b}_img_s_{suffix}"] = f"{img_s:.1f}"
         results[f"{name}_train_speedup"] = f"{ratio:.3f}"
@@ -627,8 +629,7 @@ def main() -> None:
         # XLA reads its flags once per process: the step without convolutions in CUDA graphs
         # runs in a child started with the user's flags and `DAIPNET_GPU_CONV_GRAPHS=0`.
         # --quick runs it on any device: the child's plumbing is tested on CPU (tests/test_bench.py)
-        ours = f"train_daipnet300_bfloat16_b{b}_img_s"
-        if (dev.platform != "gpu" and not args.quick) or ours not in results:
+        if (dev.platform != "gpu" and not args.quick) or base_key not in results:
             print("  conv graphs A/B: skipped (needs CUDA and this run's bfloat16 DAIPNet300 step)")
             return
         if not budget.ok("conv graphs A/B", need["train"] + 30):
@@ -642,19 +643,18 @@ def main() -> None:
             cmd, env=env, capture_output=True, text=True, timeout=budget.left() + 120, check=False
         )
         child = parse_results(proc.stdout)
-        if proc.returncode or ours not in child:
+        if proc.returncode or base_key not in child:
             print(f"  conv graphs A/B: the child failed (exit {proc.returncode}):")
             print("\n".join((proc.stdout + proc.stderr).splitlines()[-5:]))
             return
         # the baseline is the variant here: the speed-up is that of the graphs
-        ab_result("conv_graphs", "no_conv_graphs", float(child[ours]), "without convolutions "
+        ab_result("conv_graphs", "no_conv_graphs", float(child[base_key]), "without convolutions "
                   "in CUDA graphs", inverse=True)  # fmt: skip
 
     def bn_grad() -> None:
         # The model's BatchNorm layers with the closed-form gradient of bench/batchnorm_grad.py
         # (same variables and numbers; docs/design.md, "Accelerators"), the same step otherwise.
-        ours = f"train_daipnet300_bfloat16_b{b}_img_s"
-        if ours not in results:
+        if base_key not in results:
             print(
                 "  closed-form BatchNorm A/B: skipped (needs this run's bfloat16 DAIPNet300 step)"
             )

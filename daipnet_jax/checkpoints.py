@@ -276,11 +276,14 @@ def _with_step(path: str | os.PathLike[str], step: int | None) -> tuple[Any, int
     return Path(path).resolve().parent, found[1]
 
 
-def check_checkpoint_path(path: str | os.PathLike[str], step: int | None = None) -> Path:
-    """The absolute checkpoint path, after the checks that need no read (a `CheckpointError`
-    naming the path): it exists, is a readable folder, and a training workdir has saved steps,
-    `step` among them; a converted folder takes no `step`. Commands call it before slower
-    set-up (data, compilation)."""
+def check_checkpoint_path(
+    path: str | os.PathLike[str], step: int | None = None
+) -> tuple[Path, int | None]:
+    """The absolute checkpoint path and step to read (a step's folder gives its checkpoints
+    directory and step), after the checks that need no read (a `CheckpointError` naming the
+    path): it exists, is a readable folder, and a training workdir has saved steps, `step`
+    among them; a converted folder takes no `step`. Commands call it before slower set-up
+    (data, compilation)."""
     path, step = _with_step(path, step)
     p = Path(path).resolve()  # orbax wants absolute paths; users give relative ones
     if not p.exists():
@@ -292,7 +295,7 @@ def check_checkpoint_path(path: str | os.PathLike[str], step: int | None = None)
     if not _is_training_dir(p):
         if step is not None:
             raise CheckpointError(f"a step was given but {str(path)!r} is not a training workdir")
-        return p
+        return p, None
     directory = checkpoint_dir(p)
     steps = saved_steps(directory)
     if not steps:
@@ -301,7 +304,7 @@ def check_checkpoint_path(path: str | os.PathLike[str], step: int | None = None)
         raise CheckpointError(
             f"no step {step} in {directory}; saved steps: {', '.join(map(str, steps))}"
         )
-    return p
+    return p, step
 
 
 def load_variables_and_step(
@@ -313,8 +316,7 @@ def load_variables_and_step(
     are named in a one-line warning and left on disk. A `step` that does not exist raises
     `CheckpointError` listing the steps that do (`check_checkpoint_path`).
     """
-    path, step = _with_step(path, step)
-    p = check_checkpoint_path(path, step)
+    p, step = check_checkpoint_path(path, step)
     _drop_closed_loop_noise()  # before any read: a failing orbax read may print it at once
     if not _is_training_dir(p):
         try:
@@ -447,6 +449,19 @@ def merge_vgg(variables: Mapping[str, Any], vgg_variables: Mapping[str, Any]) ->
     }
 
 
+def publish_folder(staged: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Move the finished folder `staged` to `target` (same file system); an earlier folder at
+    `target` is removed only after the new one is in place."""
+    if not os.path.lexists(target):
+        os.replace(staged, target)
+        return
+    parent = os.path.dirname(os.path.abspath(target))
+    old = tempfile.mkdtemp(dir=parent, prefix=".replaced-")
+    os.replace(target, os.path.join(old, "previous"))
+    os.replace(staged, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def check_conversion_target(directory: str | os.PathLike[str]) -> None:
     """Refuse (`CheckpointError`) an output DIR that exists and is neither an empty folder nor
     an earlier conversion (DIR/conversion.json): `save_variables` replaces it whole."""
@@ -487,9 +502,7 @@ def save_variables(
         ckpt.save(item, tree)
         ckpt.wait_until_finished()
         (item / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, sort_keys=True))
-        if os.path.lexists(directory):
-            os.replace(directory, staging / "replaced")
-        os.replace(item, directory)
+        publish_folder(item, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory

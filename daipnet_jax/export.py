@@ -86,19 +86,6 @@ def check_out_dir(out_dir: str) -> None:
         )
 
 
-def _publish(tmp_dir: str, out_dir: str) -> None:
-    """Move the finished `tmp_dir` to `out_dir`, replacing an earlier export only now."""
-    import shutil
-
-    if not os.path.lexists(out_dir):
-        os.replace(tmp_dir, out_dir)
-        return
-    old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=".old-")
-    os.replace(out_dir, os.path.join(old, "saved_model"))
-    os.replace(tmp_dir, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export_saved_model(
     config: Any, variables: Any, out_dir: str, *, model: Any = None, batch_size: int = 1
 ) -> str:
@@ -113,6 +100,7 @@ def export_saved_model(
     import tensorflow as tf
     from jax.experimental import jax2tf
 
+    from daipnet_jax import checkpoints
     from daipnet_jax.evaluation.loop import make_predict_fn
     from daipnet_jax.predict import label_map_for, resize_images
 
@@ -218,7 +206,7 @@ def export_saved_model(
                 },
                 options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
             )
-        _publish(written, out_dir)
+        checkpoints.publish_folder(written, out_dir)
     return out_dir
 
 
