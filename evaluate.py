@@ -49,6 +49,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     _DISTRIBUTED.initialize()
+    import jax
+
     from daipnet_jax import checkpoints, cli
     from daipnet_jax.evaluation import coco, loop
     from daipnet_jax.validate import check_writable, validate_config, validate_inputs
@@ -68,7 +70,7 @@ def main(argv: list[str]) -> None:
         cli.fail(f"--max_images: {FLAGS.max_images} must be >= 0 (0: every image)")
     if FLAGS.max_images:
         config.data.eval_max_images = FLAGS.max_images
-    validate_config(config)
+    validate_config(config, process_count=jax.process_count())
     checkpoints.check_checkpoint_path(source, FLAGS.step)  # cheap, before reading the data
     validate_inputs(config, train=False, evaluate=True)
     variables, step = checkpoints.restore_variables_and_step(config, source, FLAGS.step)

@@ -54,6 +54,15 @@ def _one_of(config: ml_collections.ConfigDict, key: str, allowed: Sequence[Any])
     return value
 
 
+def _batch(config: ml_collections.ConfigDict, key: str, process_count: int) -> int:
+    value = _get(config, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(key, f"{value!r} must be a positive int")
+    if value % process_count:
+        raise ConfigError(key, f"{value} is not divisible by the {process_count} processes")
+    return value
+
+
 def dataset_kind(config: ml_collections.ConfigDict) -> str:
     """`coco`, `voc` or `generated`, from the data source (the num_classes rule depends on it)."""
     source = config.data.source
@@ -136,18 +145,14 @@ def validate_config(
         import jax
 
         devices = jax.device_count()
-    batch = _get(config, "train.batch_size")
-    if not isinstance(batch, int) or batch <= 0:
-        raise ConfigError("train.batch_size", f"{batch!r} must be a positive int")
+    batch = _batch(config, "train.batch_size", process_count)
     if batch % devices:
         raise ConfigError(
             "train.batch_size", f"{batch} is not divisible by the {devices} devices (data axis)"
         )
-    if batch % process_count:
-        raise ConfigError(
-            "train.batch_size", f"{batch} is not divisible by the {process_count} processes"
-        )
-    _positive(config, "train.eval_batch_size")
+    # Each process reads its own share of every eval batch; an eval batch that does not divide
+    # the devices runs replicated (evaluation.loop.make_eval_step), so only processes matter here.
+    _batch(config, "train.eval_batch_size", process_count)
     _positive(config, "train.base_lr")
     _positive(config, "train.reference_batch_size")
     _positive(config, "train.warmup_init_lr", allow_zero=True)

@@ -141,6 +141,14 @@ def test_inconsistent_configs_name_key():
     with pytest.raises(ConfigError, match=r"^train\.batch_size: 6 is not divisible by the 4"):
         validate_config(c, device_count=4)
     validate_config(c, device_count=3)
+    # Every process reads its own share of each batch, the evaluation's included.
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: 6 is not divisible by the 4 pro"):
+        validate_config(c, device_count=2, process_count=4)
+    c.train.batch_size = 12
+    with pytest.raises(ConfigError, match=r"^train\.eval_batch_size: 8 is not divisible by the 3"):
+        validate_config(c, device_count=6, process_count=3)
+    c.train.eval_batch_size = 6
+    validate_config(c, device_count=2, process_count=2)
     c = base_config("daipnet300", "voc")
     c.model.num_classes = 81
     with pytest.raises(ConfigError, match=r"^model.num_classes"):
