@@ -96,7 +96,11 @@ def export_saved_model(
     single images. The SavedModel is written beside `out_dir` and moved there when complete: a
     failed export leaves an earlier one at `out_dir` as it was (`check_out_dir`).
     """
+    from daipnet_jax.cli import InputError
+
     check_out_dir(out_dir)
+    if int(batch_size) < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     import tensorflow as tf
     from jax.experimental import jax2tf
 
@@ -221,6 +225,7 @@ def main(argv: Sequence[str]) -> None:
     from absl import app, flags
 
     from daipnet_jax.checkpoints import restore_variables
+    from daipnet_jax.cli import InputError
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -229,9 +234,9 @@ def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     config = FLAGS.config
     if not FLAGS.checkpoint:
-        raise app.UsageError(
-            "--checkpoint is required (a training workdir or a converted checkpoint)"
-        )
+        raise InputError("--checkpoint is required (a training workdir or a converted checkpoint)")
+    if FLAGS.batch_size < 1:
+        raise InputError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
     # The model must be the trained one (`--config.model.*` overrides included).
     checkpoints.check_saved_config(FLAGS.checkpoint, config, "eval")
     check_out_dir(FLAGS.out)

@@ -424,6 +424,10 @@ def main(argv: Sequence[str]) -> None:
     classes = parse_class_filter(FLAGS.classes, class_names_for(config))
     if FLAGS.max_boxes < 0:
         raise InputError(f"--max_boxes must be >= 0 (0: no cap), got {FLAGS.max_boxes}")
+    if FLAGS.batch_size < 0:
+        raise InputError(
+            f"--batch_size must be >= 0 (0: train.eval_batch_size), got {FLAGS.batch_size}"
+        )
     images = [load_image(p) for p in paths]  # unreadable files fail before any compute
     variables = restore_variables(config, FLAGS.checkpoint, FLAGS.step)
     batch = FLAGS.batch_size or int(config.train.eval_batch_size)

@@ -1,4 +1,5 @@
-"""Repository layout: imports run one way, and the README documents exactly the config's keys.
+"""Repository layout: imports run one way; the README documents exactly the config's keys and
+every command-line flag.
 
 Layers, lowest first (a module may import its own layer and the ones below):
 config (+ configs) → models → boxes, losses, postprocess → data, sharding, checkpoints,
@@ -161,3 +162,45 @@ def test_readme_documents_exactly_the_config_keys():
         )
     undocumented = sorted(k for k in keys if not any(fnmatch.fnmatch(k, p) for p in documented))
     assert undocumented == [], f"config keys missing from the README: {undocumented}"
+
+
+# ---------------------------------------------------------------------- README command-line flags
+def _defined_flags() -> dict[str, str]:
+    """{flag: file} of every absl `DEFINE_*` and argparse `add_argument` of the package and the
+    two top-level CLIs (argparse flags whose help is `argparse.SUPPRESS` are hidden on purpose)."""
+    found = {}
+    files = [*sorted((REPO / PACKAGE).rglob("*.py")), REPO / "train.py", REPO / "evaluate.py"]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            first = node.args[0]
+            if not isinstance(first, ast.Constant) or not isinstance(first.value, str):
+                continue
+            hidden = any(
+                k.arg == "help"
+                and isinstance(k.value, ast.Attribute)
+                and k.value.attr == "SUPPRESS"
+                for k in node.keywords
+            )
+            if name.startswith("DEFINE_"):
+                found[first.value] = path.name
+            elif name == "add_argument" and first.value.startswith("--") and not hidden:
+                found[first.value[2:]] = path.name
+    return found
+
+
+def test_readme_documents_every_command_line_flag():
+    text = (REPO / "README.md").read_text()
+    defined = _defined_flags()
+    assert {"workdir", "checkpoint", "max_boxes", "coordinator_address", "num_train"} <= set(
+        defined
+    )
+    missing = sorted(
+        f"--{f} ({where})"
+        for f, where in defined.items()
+        if f"--{f}" not in text and f"--no{f}" not in text  # absl's negated boolean
+    )
+    assert missing == [], f"flags missing from the README: {missing}"

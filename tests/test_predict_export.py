@@ -311,6 +311,7 @@ def test_predict_cli_errors(tmp_path):
             [str(good), "--classes=ellipse,elipse"],
             "unknown class 'elipse'; valid names: rectangle, ellipse, triangle",
         ),
+        ([str(good), "--batch_size=-1"], "--batch_size must be >= 0"),
     ):
         proc = subprocess.run(
             [
@@ -331,22 +332,25 @@ def test_predict_cli_errors(tmp_path):
         )
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert msg in proc.stderr.strip().splitlines()[-1]
-    # The export command: a missing checkpoint is named in a one-line error.
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "daipnet_jax.export",
-            "--config=configs/generated.py",
-            f"--checkpoint={tmp_path / 'nope'}",
-            f"--out={tmp_path}/sm",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr[-2000:]
+    # The export command: a missing checkpoint or a batch of no images, in a one-line error.
+    for args, msg in (([], "does not exist"), (["--batch_size=0"], "--batch_size must be >= 1")):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "daipnet_jax.export",
+                "--config=configs/generated.py",
+                f"--checkpoint={tmp_path / 'nope'}",
+                f"--out={tmp_path}/sm",
+                *args,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert msg in proc.stderr.strip().splitlines()[-1]
 
 
 # ------------------------------------------------------------------ end to end on a tiny model
