@@ -139,6 +139,23 @@ def num_priors(priors: Any) -> int:
 
 
 # ------------------------------------------------------------------ epochs and steps
+def tfds_names(tfds_name: str) -> list[str]:
+    """`voc/2007+voc/2012` → ['voc/2007', 'voc/2012'] (`data.tfds_name` may join builders)."""
+    return [n.strip() for n in str(tfds_name).split("+") if n.strip()]
+
+
+def dataset_kind(config: ml_collections.ConfigDict) -> str:
+    """`generated`, `voc` (a tfds source whose first builder is voc/…: VOC classes and the VOC
+    metric), `coco` (any other tfds builder) or `folder` (`coco_folder`: the user's classes)."""
+    source = config.data.source
+    if source == "generated":
+        return "generated"
+    if source == "tfds":
+        names = tfds_names(config.data.tfds_name)
+        return "voc" if names and names[0].startswith("voc") else "coco"
+    return "folder"
+
+
 def epoch_size(config: ml_collections.ConfigDict, source_examples: int | Callable[[], int]) -> int:
     """Examples per epoch: `train.train_examples` when > 0, else the data source's count.
 

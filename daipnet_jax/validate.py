@@ -63,16 +63,6 @@ def _batch(config: ml_collections.ConfigDict, key: str, process_count: int) -> i
     return value
 
 
-def dataset_kind(config: ml_collections.ConfigDict) -> str:
-    """`coco`, `voc` or `generated`, from the data source (the num_classes rule depends on it)."""
-    source = config.data.source
-    if source == "generated":
-        return "generated"
-    if source == "tfds":
-        return "voc" if str(config.data.tfds_name).startswith("voc") else "coco"
-    return "folder"
-
-
 def validate_config(
     config: ml_collections.ConfigDict, *, device_count: int | None = None, process_count: int = 1
 ) -> None:
@@ -119,7 +109,7 @@ def validate_config(
     num_classes = _get(config, "model.num_classes")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError("model.num_classes", f"{num_classes!r} must be an int >= 2")
-    kind = dataset_kind(config)
+    kind = config_lib.dataset_kind(config)
     expected = {
         "coco": coco.NUM_CLASSES,
         "voc": voc.NUM_CLASSES,

@@ -293,3 +293,13 @@ def test_make_evaluator_picks_the_dataset_metric():
     for i, c, b in GT_ANNS:
         voc.add_image(i, np.array([_normalise(b, SIZES[i])]), [0.9], [{3: 1, 7: 2}[c]])
     assert voc.evaluate()["mAP_voc07"] == pytest.approx(1.0)
+    # The metric follows the data: a folder of the user's own data is a COCO-format folder,
+    # even under the VOC recipe (whose tfds_name stays set), as are the generated data.
+    folder = base_config("daipnet300", "voc")
+    folder.data.source = "coco_folder"
+    assert isinstance(make_evaluator(folder, gt), CocoEvaluator)
+    generated = base_config("daipnet300", "generated")
+    assert isinstance(make_evaluator(generated, gt), CocoEvaluator)
+    voc07 = base_config("daipnet300", "voc")
+    voc07.data.tfds_name = " voc/2007 "
+    assert isinstance(make_evaluator(voc07, gt), VocEvaluator)

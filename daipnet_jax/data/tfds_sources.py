@@ -14,6 +14,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from daipnet_jax import config as config_lib
+
 COCO_CATEGORY_IDS = (
     *range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70,
     *range(72, 83), *range(84, 91),
@@ -40,9 +42,7 @@ assert len(COCO_CATEGORY_IDS) == len(COCO_NAMES) == 80
 SPLIT_ALIASES = {"trainval": "train+validation"}
 
 
-def names(tfds_name: str) -> list[str]:
-    """`voc/2007+voc/2012` → ['voc/2007', 'voc/2012']."""
-    return [n.strip() for n in tfds_name.split("+") if n.strip()]
+names = config_lib.tfds_names
 
 
 def is_voc(tfds_name: str) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from daipnet_jax import config as config_lib
 from daipnet_jax.evaluation.coco import (
     COCO_METRIC_NAMES,
     CocoEvaluator,
@@ -28,13 +29,8 @@ from daipnet_jax.evaluation.voc import VocEvaluator, voc_ap
 
 
 def metric_kind(config: ml_collections.ConfigDict) -> str:
-    """`config.eval_metric` if set, else `voc` for VOC data and `coco` otherwise."""
-    kind = config.get("eval_metric", "") or ""
-    if kind:
-        return str(kind)
-    d = config.data
-    names = f"{d.get('source', '')} {d.get('tfds_name', '')}".lower()
-    return "voc" if "voc" in names else "coco"
+    """`voc` (the VOC metric, `evaluation.voc`) for VOC data, `coco` (pycocotools) for any other."""
+    return "voc" if config_lib.dataset_kind(config) == "voc" else "coco"
 
 
 def make_evaluator(
