@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--config.data.data_dir={data_dir}",
         f"--config.data.generated_num_train={args.num_train}",
         f"--config.data.generated_num_val={args.num_val}",
+        f"--config.data.generated_seed={args.seed}",
         f"--config.seed={args.seed}",
     ]
     train_overrides = [f"--config.train.total_steps={args.total_steps}"] if args.total_steps else []

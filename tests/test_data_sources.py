@@ -255,3 +255,13 @@ def test_generated_parameter_mismatch_is_warned_once(generated_config, caplog):
             GeneratedSource().files(c, split)
     warned = [r for r in caplog.records if "was written with" in r.getMessage()]
     assert len(warned) == 1 and "used as it is" in warned[0].getMessage()
+    # The seed is one of those values: other images, other boxes.
+    caplog.clear()
+    c = generated_config()
+    validate_inputs(c, train=True, evaluate=True)
+    assert not [r for r in caplog.records if "was written with" in r.getMessage()]
+    c.data.generated_seed = c.data.get("generated_seed", 0) + 1
+    with caplog.at_level(logging.WARNING):
+        validate_inputs(c, train=True, evaluate=True)
+    warned = [r.getMessage() for r in caplog.records if "was written with" in r.getMessage()]
+    assert len(warned) == 1 and f"'seed': {c.data.generated_seed}" in warned[0], warned

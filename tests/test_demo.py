@@ -22,7 +22,7 @@ def test_demo_gate_fails_an_untrained_detector(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run(
         [sys.executable, "-m", "daipnet_jax.demo", "--workdir", "w", "--num_train", "16"]
-        + ["--num_val", "4", "--total_steps", "2", "--num_predictions", "1"],
+        + ["--num_val", "4", "--total_steps", "2", "--num_predictions", "1", "--seed", "3"],
         cwd=tmp_path,  # relative workdir, resolved against the caller's directory
         env=env,
         capture_output=True,
@@ -39,3 +39,9 @@ def test_demo_gate_fails_an_untrained_detector(tmp_path):
     assert "[" in out.stdout and "2/2 (100%)" in out.stdout
     assert (tmp_path / "w" / "train.log").stat().st_size > 0
     assert list((tmp_path / "w" / "predictions").glob("*.png"))
+    # --seed is the data's seed too, and the saved config says so (a resume or an evaluation
+    # of this workdir names the same dataset)
+    saved = json.loads((tmp_path / "w" / "config.json").read_text())
+    written = json.loads((tmp_path / "w" / "data" / "meta.json").read_text())
+    assert saved["seed"] == saved["data"]["generated_seed"] == written["seed"] == 3
+    assert "was written with" not in (tmp_path / "w" / "train.log").read_text()

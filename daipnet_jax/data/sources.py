@@ -146,6 +146,7 @@ class GeneratedSource(CocoFolderSource):
             num_val=config.data.generated_num_val,
             num_classes=config.data.generated_num_classes,
             image_size=config.data.generated_image_size,
+            seed=config.data.get("generated_seed", 0),
         )
 
     @classmethod
@@ -180,7 +181,7 @@ class GeneratedSource(CocoFolderSource):
         # imported here: `python -m daipnet_jax.data.generated` must not find itself imported
         from daipnet_jax.data import generated
 
-        generated.write_dataset(d, **wanted, seed=config.data.get("generated_seed", 0))
+        generated.write_dataset(d, **wanted)
         return d
 
 
