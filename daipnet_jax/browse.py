@@ -122,6 +122,9 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> None:
+    from daipnet_jax import platform
+
+    platform.setup()  # before a JAX backend starts and TensorFlow loads
     from absl import flags
     from ml_collections import config_flags
 

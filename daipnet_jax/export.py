@@ -51,13 +51,9 @@ LABEL_MAP_FILE = "label_map.json"
 
 @contextlib.contextmanager
 def stablehlo_target(requirement: str = "WEEK_12") -> Iterator[str]:
-    """Serialise jax2tf modules for an older StableHLO consumer while the context is open.
-
-    Measured: jax 0.10.2 serialises for StableHLO 1.15.0 (its 4-week window) and lowers
-    `lax.top_k` (used by `postprocess.detect`) to a `vhlo.composite_v2`, which TensorFlow 2.21's
-    `XlaCallModule` (StableHLO 1.13.7) fails to deserialise ("failed to deserialize portable
-    artifact using StableHLO_v1.13.7"). The 12-week window is exactly 1.13.7. Private JAX API:
-    restored on exit.
+    """Serialise jax2tf modules for an older StableHLO consumer while the context is open:
+    TensorFlow's `XlaCallModule` cannot read what JAX serialises by default (docs/design.md,
+    "Export"). Private JAX API: restored on exit.
     """
     from jax._src.export import _export
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, MutableMapping
 from pathlib import Path
 
 #: XLA:CPU convolutions on Eigen instead of YNNPACK, whose convolution weight gradients are
-#: 2-4x slower on VGG-16's large maps (bench/conv_backward.py, docs/design.md). Dots and
+#: several times slower on VGG-16's large maps (bench/conv_backward.py, docs/design.md). Dots and
 #: element-wise fusions keep YNNPACK. Read once, when the CPU backend starts.
 XLA_CPU_FAST_CONV_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 

@@ -204,3 +204,21 @@ def test_readme_documents_every_command_line_flag():
         if f"--{f}" not in text and f"--no{f}" not in text  # absl's negated boolean
     )
     assert missing == [], f"flags missing from the README: {missing}"
+
+
+def test_every_entry_point_calls_platform_setup():
+    """XLA flags and quiet logs are set by `platform.setup()`, before JAX starts a backend or
+    TensorFlow loads (docs/design.md, runtime switches), so every command must call it; the
+    generated-dataset writer never starts JAX or TensorFlow."""
+    exempt = {"daipnet_jax/data/generated.py"}
+    files = [*sorted((REPO / PACKAGE).rglob("*.py")), REPO / "train.py", REPO / "evaluate.py"]
+    entry_points = [
+        str(p.relative_to(REPO)) for p in files if 'if __name__ == "__main__":' in p.read_text()
+    ]
+    assert len(entry_points) >= 9
+    missing = [
+        p
+        for p in entry_points
+        if p not in exempt and "platform.setup(" not in (REPO / p).read_text()
+    ]
+    assert missing == []

@@ -28,13 +28,13 @@ def recipe(variant: str, *, width: float = 0.25) -> ml_collections.ConfigDict:
 
 
 def demo(width: float = 0.125) -> ml_collections.ConfigDict:
-    """The quick start: DAIPNet300 from scratch, 800 steps (~6 CPU minutes; docs/design.md)."""
+    """The quick start: DAIPNet300 from scratch, 800 steps (docs/design.md, "Quick-start")."""
     c = recipe("daipnet300", width=width)
     c.name = "demo"
     # From scratch (no ImageNet VGG): unit-variance inputs rather than the caffe convention.
     c.model.pixel_mean = config_lib.TORCHVISION_MEAN_RGB
     c.model.pixel_std = config_lib.TORCHVISION_STD
-    c.data.augment = False  # a ~2-epoch run is far from over-fitting
+    c.data.augment = False  # a ~3-epoch run is far from over-fitting
     c.train.batch_size = 8
     c.train.eval_batch_size = 8
     c.train.scale_lr_with_batch = False

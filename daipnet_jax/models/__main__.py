@@ -63,6 +63,9 @@ def summary(config: Any, batch: int = 1, flops: bool = True) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> None:
+    from daipnet_jax import platform
+
+    platform.setup()  # before a JAX backend starts and TensorFlow loads
     from absl import app, flags
     from ml_collections import config_flags
 
