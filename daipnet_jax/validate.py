@@ -23,7 +23,6 @@ from daipnet_jax.config import ConfigError
 from daipnet_jax.configs import coco, voc
 from daipnet_jax.models import SWITCHES
 
-SOURCES = ("generated", "tfds", "coco_folder")
 TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
 OPTIMIZERS = ("sgd", "adam")  # training.schedule.make_optimizer
 __all__ = ["ConfigError", "check_writable", "validate_config", "validate_inputs"]
@@ -105,7 +104,9 @@ def validate_config(
     if len(m.pixel_std) != 3 or min(m.pixel_std) <= 0:
         raise ConfigError("model.pixel_std", "needs 3 positive entries (RGB)")
 
-    source = _one_of(config, "data.source", SOURCES)
+    from daipnet_jax.data.sources import SOURCES  # the one registry of data sources
+
+    source = _one_of(config, "data.source", list(SOURCES))
     num_classes = _get(config, "model.num_classes")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError("model.num_classes", f"{num_classes!r} must be an int >= 2")
