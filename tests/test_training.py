@@ -322,3 +322,16 @@ def test_init_from_converted_vgg(tmp_path):
     assert flat_bb and set(flat_bb) < set(flat_merged)
     for path, leaf in flat_merged.items():
         np.testing.assert_array_equal(leaf, flat_bb.get(path, flat_fresh[path]))
+
+
+def test_validation_reads_the_source_registry(monkeypatch):
+    """A data source registered in `data.sources.SOURCES` (CONTRIBUTING, adding a dataset) is
+    one that validation accepts; no second list to keep in step."""
+    from daipnet_jax.data import sources
+
+    c = base_config("daipnet300", "coco")
+    c.data.source = "my_source"
+    with pytest.raises(ConfigError, match=r"^data\.source: 'my_source' is not one of"):
+        validate_config(c, device_count=1)
+    monkeypatch.setitem(sources.SOURCES, "my_source", sources.CocoFolderSource())
+    validate_config(c, device_count=1)
