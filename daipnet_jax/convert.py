@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from daipnet_jax import checkpoints
+from daipnet_jax import config as config_lib
 from daipnet_jax.checkpoints import METADATA_FILE
 
 if __name__ == "__main__":
@@ -37,8 +38,6 @@ __all__ = ["FORMATS", "METADATA_FILE", "ConversionError", "convert_file", "conve
 StateDict = dict[str, np.ndarray]
 Path = tuple[str, ...]
 Transform = Callable[[np.ndarray], np.ndarray]
-
-CAFFE_MEAN_RGB = (123.0, 117.0, 104.0)
 
 
 class ConversionError(ValueError):
@@ -432,16 +431,18 @@ def _check_config(fmt: str, config: Any) -> None:
     caffe = fmt != "torchvision-vgg16"
     mean = tuple(float(v) for v in m.pixel_mean)
     std = tuple(float(v) for v in m.pixel_std)
-    if caffe and (not np.allclose(mean, CAFFE_MEAN_RGB) or not np.allclose(std, 1.0)):
+    caffe_mean, caffe_std = config_lib.CAFFE_MEAN_RGB, config_lib.CAFFE_STD
+    if caffe and (not np.allclose(mean, caffe_mean) or not np.allclose(std, caffe_std)):
         warnings.warn(
-            f"{fmt}: caffe-style weights expect pixel_mean {CAFFE_MEAN_RGB} and std 1; the config "
-            f"has {mean}, {std}",
+            f"{fmt}: caffe-style weights expect pixel_mean {caffe_mean} and pixel_std "
+            f"{caffe_std}; the config has {mean}, {std}",
             stacklevel=3,
         )
-    if not caffe and np.allclose(mean, CAFFE_MEAN_RGB):
+    if not caffe and np.allclose(mean, caffe_mean):
         warnings.warn(
-            "torchvision-vgg16: torchvision weights expect pixel_mean 255·(0.485, 0.456, 0.406) "
-            "and pixel_std 255·(0.229, 0.224, 0.225); the config has the caffe mean",
+            "torchvision-vgg16: torchvision weights expect pixel_mean "
+            f"{config_lib.TORCHVISION_MEAN_RGB} and pixel_std {config_lib.TORCHVISION_STD}; "
+            "the config has the caffe mean",
             stacklevel=3,
         )
 

@@ -467,3 +467,23 @@ def test_output_folder_is_replaced_only_when_it_is_a_conversion(tmp_path, monkey
     np.testing.assert_array_equal(checkpoints.load_variables(out)["params"]["w"], 2.0)
     assert json.loads((out / convert.METADATA_FILE).read_text()) == {"n": 2}
     assert sorted(os.listdir(tmp_path)) == ["mine", "out"]
+
+
+def test_convention_warnings_name_the_expected_normalisation():
+    """Weights trained on caffe-style inputs under a torchvision-normalised config (and the
+    reverse) are converted, with a warning that gives the values the weights expect."""
+    import warnings
+
+    from daipnet_jax import config as config_lib
+
+    caffe = _config("lrf300", 0.125, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert._check_config("lrf", caffe)  # the recipe's convention: silent
+    torchvision = _config("lrf300", 0.125, True)
+    torchvision.model.pixel_mean = config_lib.TORCHVISION_MEAN_RGB
+    torchvision.model.pixel_std = config_lib.TORCHVISION_STD
+    with pytest.warns(UserWarning, match=r"^lrf: caffe-style weights expect pixel_mean \(123"):
+        convert._check_config("lrf", torchvision)
+    with pytest.warns(UserWarning, match=r"expect pixel_mean \(123\.675, 116\.28"):
+        convert._check_config("torchvision-vgg16", caffe)
