@@ -16,14 +16,15 @@ them, so they are absent from the augmented view. Drawing: `predict.draw_boxes`.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from daipnet_jax.cli import InputError
 
-class BrowseError(ValueError):
+
+class BrowseError(InputError):
     """Data that cannot be browsed (no examples, unreadable annotation file)."""
 
 
@@ -138,12 +139,12 @@ def run(argv: Sequence[str] | None = None) -> None:
     def _main(args: Sequence[str]) -> None:
         import tensorflow as tf
 
+        from daipnet_jax.config import first_line
+
         try:
             main(args)
-        except (BrowseError, tf.errors.OpError) as e:  # file errors: cli.run, one line too
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            print(f"error: {msg}", file=sys.stderr)
-            sys.exit(2)
+        except tf.errors.OpError as e:  # BrowseError and file errors: cli.run, one line too
+            cli.fail(first_line(e))
 
     from daipnet_jax import cli
 

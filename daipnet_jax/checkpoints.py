@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from daipnet_jax import config as config_lib
+
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"  # steps that failed to restore, moved aside by training
 BEST_DIR = "checkpoints_best"
@@ -51,9 +53,8 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit the configured model."""
 
 
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _first_line(e: BaseException) -> str:
+    return config_lib.first_line(e, limit=200)  # orbax's messages can run to pages
 
 
 class _ClosedLoopNoise(logging.Filter):
@@ -534,8 +535,6 @@ def read_config(path: str | os.PathLike[str]) -> Any:
 def write_config(workdir: str | os.PathLike[str], config: Any) -> Path:
     """Write the resolved `config` to `WORKDIR/config.json` (indented, sorted; atomic), its
     paths absolute (`config.absolute_paths`): resume and evaluate may run from another folder."""
-    from daipnet_jax import config as config_lib
-
     file = saved_config_path(workdir)
     tmp = file.with_name(f".{CONFIG_FILE}.tmp{os.getpid()}")
     tree = config_lib.absolute_paths(config.to_dict())
@@ -547,8 +546,6 @@ def write_config(workdir: str | os.PathLike[str], config: Any) -> Path:
 def check_saved_config(path: str | os.PathLike[str], config: Any, purpose: str) -> Any:
     """Raise `ConfigError` when `config` conflicts with the config saved in the workdir `path`
     (`config.conflicting_keys`); returns the saved config (None when there is none)."""
-    from daipnet_jax import config as config_lib
-
     saved = read_config(path)
     if saved is None:
         return None

@@ -101,8 +101,9 @@ def _root_cause(error: BaseException) -> BaseException:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    from daipnet_jax.config import first_line
+
+    return first_line(error)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,4 +1,5 @@
-"""Config mechanics: argument parsing, prior geometry, epoch arithmetic, `ConfigError`.
+"""Config mechanics: argument parsing, prior geometry, epoch arithmetic, `ConfigError`,
+`first_line` (how every error is put on one line).
 
 The recipe itself (every section and default) lives in `daipnet_jax/configs/` (`common.py` plus
 one file per dataset, reachable as `configs/` from the repository root). A config is an
@@ -38,6 +39,13 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(f"{key}: {message}")
+
+
+def first_line(error: BaseException, limit: int = 0) -> str:
+    """The first line of `str(error)` (its type's name when empty), cut to `limit` characters
+    when `limit` > 0: how an error reaches a one-line message."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if limit <= 0 or len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ------------------------------------------------------------------ arguments

@@ -63,8 +63,9 @@ def load_state_dict(path: str | pathlib.Path) -> StateDict:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError) as e:  # a truncated or damaged file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(f"{path}: cannot read it (damaged or truncated?): {first}") from e
+        raise ConversionError(
+            f"{path}: cannot read it (damaged or truncated?): {config_lib.first_line(e)}"
+        ) from e
     except pickle.UnpicklingError as e:
         raise ConversionError(
             f"{path}: refusing to load: the pickle needs torch.load(weights_only=False), i.e. it "

@@ -117,3 +117,12 @@ def test_saved_config_holds_absolute_paths(tmp_path, monkeypatch):
     others = {k: v for k, v in flat.items() if k not in config_lib.PATH_KEYS}
     back = config_lib.flat_items(checkpoints.read_config("w"))
     assert {k: back[k] for k in others} == others
+
+
+def test_first_line_is_how_errors_become_one_line():
+    from daipnet_jax.config import first_line
+
+    assert first_line(ValueError("  bad value\n  detail\n")) == "bad value"
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(OSError("x" * 300), limit=200) == "x" * 197 + "..."
+    assert first_line(OSError("x" * 200), limit=200) == "x" * 200
