@@ -3,7 +3,7 @@
 Any config value can be overridden with `--config.KEY=VALUE` (e.g. `--config.train.batch_size=8`);
 unknown keys are refused by ml_collections, inconsistent values by
 `daipnet_jax.validate` before anything is compiled. The evaluation run during and after
-training is `daipnet_jax.evaluation.evaluate_during_training`, passed to the loop (it writes
+training is `daipnet_jax.evaluation.training_eval_fn(workdir)`, passed to the loop (it writes
 `WORKDIR/eval/metrics*.json` like `evaluate.py`).
 
 The first run writes the resolved config to `WORKDIR/config.json`. Re-running with the same
@@ -19,8 +19,6 @@ shard of the data.
 """
 
 from __future__ import annotations
-
-import functools
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -43,13 +41,12 @@ def main(argv: list[str]) -> None:
     _DISTRIBUTED.initialize()
 
     from daipnet_jax import cli
-    from daipnet_jax.evaluation import evaluate_during_training
+    from daipnet_jax.evaluation import training_eval_fn
     from daipnet_jax.training import NonFiniteError, train_and_evaluate
 
     try:
         workdir = str(_WORKDIR.value)
-        eval_fn = functools.partial(evaluate_during_training, workdir=workdir)
-        train_and_evaluate(_CONFIG.value, workdir, eval_fn=eval_fn)
+        train_and_evaluate(_CONFIG.value, workdir, eval_fn=training_eval_fn(workdir))
     except NonFiniteError as e:
         cli.fail(str(e), code=3)  # the message says the run stopped and where it left off
 

@@ -303,3 +303,30 @@ def test_make_evaluator_picks_the_dataset_metric():
     voc07 = base_config("daipnet300", "voc")
     voc07.data.tfds_name = " voc/2007 "
     assert isinstance(make_evaluator(voc07, gt), VocEvaluator)
+
+
+def test_training_eval_fn_builds_once_per_run(generated_config, tmp_path, monkeypatch):
+    """The `eval_fn` train.py passes builds the model, data and jitted step at its first call and
+    reuses them; nothing is kept between runs (a second `training_eval_fn` builds anew), and the
+    metrics equal `run_evaluation`'s."""
+    import jax
+
+    from daipnet_jax import models
+    from daipnet_jax.evaluation import loop
+    from daipnet_jax.training import state as state_lib
+
+    c = generated_config("daipnet300,width=0.0625")
+    variables = state_lib.init_variables(models.build(c), c, jax.random.PRNGKey(0))
+    builds = []
+    real_build = models.build
+    monkeypatch.setattr(models, "build", lambda config: builds.append(1) or real_build(config))
+    eval_fn = loop.training_eval_fn(str(tmp_path))
+    first = eval_fn(c, variables, 1)
+    second = eval_fn(c, variables, 2)
+    first.pop("images_per_s"), second.pop("images_per_s")
+    assert len(builds) == 1 and first == second
+    assert json.loads((tmp_path / "eval" / "metrics_2.json").read_text())["AP"] == first["AP"]
+    loop.training_eval_fn()(c, variables, 3)
+    assert len(builds) == 2
+    reference = loop.run_evaluation(c, variables)
+    assert reference["AP50"] == pytest.approx(first["AP50"], abs=1e-12)

@@ -1,5 +1,5 @@
 """Evaluation: COCO and VOC evaluators, the jitted loop (`evaluate`, `run_evaluation`) and
-`evaluate_during_training`, the `eval_fn` train.py hands to the train loop."""
+`training_eval_fn`, the `eval_fn` train.py hands to the train loop."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from daipnet_jax.evaluation.coco import (
 )
 from daipnet_jax.evaluation.loop import (
     evaluate,
-    evaluate_during_training,
     make_eval_step,
     make_evaluator_for,
     make_predict_fn,
     run_evaluation,
+    training_eval_fn,
     write_metrics,
 )
 from daipnet_jax.evaluation.voc import VocEvaluator, voc_ap
@@ -58,7 +58,6 @@ __all__ = [
     "CocoEvaluator",
     "VocEvaluator",
     "evaluate",
-    "evaluate_during_training",
     "format_table",
     "label_to_category_table",
     "make_eval_step",
@@ -67,6 +66,7 @@ __all__ = [
     "make_predict_fn",
     "metric_kind",
     "run_evaluation",
+    "training_eval_fn",
     "voc_ap",
     "write_metrics",
 ]

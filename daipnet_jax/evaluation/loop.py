@@ -1,5 +1,5 @@
 """The batched evaluation loop of `evaluate.py` and of the `eval_fn` `train.py` passes to
-training (`evaluate_during_training`).
+training (`training_eval_fn`).
 
 One jitted forward + `postprocess.detect` (static shapes), data parallel over the mesh when the
 batch divides the devices; the host accumulates batch n while batch n+1 runs. Metrics go to
@@ -313,40 +313,44 @@ def run_evaluation(
     )
 
 
-_TRAINING_CACHE: dict[str, tuple[Any, ...]] = {}
+def training_eval_fn(
+    workdir: str | None = None,
+) -> Callable[[ml_collections.ConfigDict, Any, int], dict[str, float]]:
+    """The `eval_fn` that `train.py` passes to the train loop: `eval_fn(config, variables, step)`
+    returns the scalar metrics (the trainer writes them to TensorBoard under `eval/`); with
+    `workdir`, it also writes `eval/metrics.json`, `eval/metrics_<step>.json` and the results
+    file, as `evaluate.py` does. The model, the jitted step, the data iterator and the ground
+    truth are built at the first call and kept by this function for the later ones (a changed
+    config builds them anew)."""
+    built: dict[str, tuple[Any, ...]] = {}
 
+    def eval_fn(config: ml_collections.ConfigDict, variables: Any, step: int) -> dict[str, float]:
+        from clu import metric_writers
 
-def evaluate_during_training(
-    config: ml_collections.ConfigDict, variables: Any, step: int, workdir: str | None = None
-) -> dict[str, float]:
-    """The `eval_fn` that `train.py` passes to the train loop (bind `workdir` with
-    functools.partial): returns the scalar metrics (the trainer writes them to TensorBoard under
-    `eval/`); with `workdir`, also writes `eval/metrics.json`, `eval/metrics_<step>.json` and the
-    results file, as `evaluate.py` does. The model, the jitted step, the data iterator and the
-    ground truth are built once per config and reused."""
-    from clu import metric_writers
+        key = config.to_json_best_effort()
+        if key not in built:
+            from daipnet_jax import data, models
 
-    key = config.to_json_best_effort()
-    if key not in _TRAINING_CACHE:
-        from daipnet_jax import data, models
+            model = models.build(config)
+            batches = data.make_eval_iterator(config)
+            b = int(config.train.eval_batch_size)
+            gt, labels = data.eval_ground_truth(config), data.label_map(config)
+            built.clear()  # one run, one config: nothing stale is kept
+            built[key] = (model, batches, make_eval_step(config, model, b), gt, labels)
+        model, batches, step_fn, gt, labels = built[key]
+        metrics = evaluate(
+            config,
+            variables,
+            batches,
+            make_evaluator_for(config, gt, labels),
+            model=model,
+            workdir=workdir,
+            step=step,
+            num_batches=len(batches),
+            # No TensorBoard writer here: the trainer writes the returned numbers itself.
+            writer=metric_writers.MultiWriter([]),
+            eval_step=step_fn,
+        )
+        return scalar_metrics({k: v for k, v in metrics.items() if k != "seconds"})
 
-        model = models.build(config)
-        batches = data.make_eval_iterator(config)
-        b = int(config.train.eval_batch_size)
-        gt, labels = data.eval_ground_truth(config), data.label_map(config)
-        _TRAINING_CACHE[key] = (model, batches, make_eval_step(config, model, b), gt, labels)
-    model, batches, step_fn, gt, labels = _TRAINING_CACHE[key]
-    metrics = evaluate(
-        config,
-        variables,
-        batches,
-        make_evaluator_for(config, gt, labels),
-        model=model,
-        workdir=workdir,
-        step=step,
-        num_batches=len(batches),
-        # No TensorBoard writer here: the trainer writes the returned numbers itself.
-        writer=metric_writers.MultiWriter([]),
-        eval_step=step_fn,
-    )
-    return scalar_metrics({k: v for k, v in metrics.items() if k != "seconds"})
+    return eval_fn
