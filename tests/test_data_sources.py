@@ -265,3 +265,26 @@ def test_generated_parameter_mismatch_is_warned_once(generated_config, caplog):
         validate_inputs(c, train=True, evaluate=True)
     warned = [r.getMessage() for r in caplog.records if "was written with" in r.getMessage()]
     assert len(warned) == 1 and f"'seed': {c.data.generated_seed}" in warned[0], warned
+
+
+def test_generated_dataset_cli_does_not_start_tensorflow(tmp_path):
+    """`python -m daipnet_jax.data.generated` needs NumPy and PIL only: the data package loads
+    its tf.data pipeline on first use, so the writer neither waits for TensorFlow nor prints
+    its start-up banners."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from daipnet_jax.data import generated; "
+        "generated.main(['--out', sys.argv[1], '--num_train', '2', '--num_val', '1']); "
+        "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr == "" and out.stdout.startswith("wrote ")
+    assert len(os.listdir(tmp_path / "d" / "images" / "train")) == 2

@@ -209,7 +209,7 @@ def test_readme_documents_every_command_line_flag():
 def test_every_entry_point_calls_platform_setup():
     """XLA flags and quiet logs are set by `platform.setup()`, before JAX starts a backend or
     TensorFlow loads (docs/design.md, runtime switches), so every command must call it; the
-    generated-dataset writer never starts JAX or TensorFlow."""
+    generated-dataset writer starts neither (NumPy and PIL only)."""
     exempt = {"daipnet_jax/data/generated.py"}
     files = [*sorted((REPO / PACKAGE).rglob("*.py")), REPO / "train.py", REPO / "evaluate.py"]
     entry_points = [
