@@ -299,7 +299,7 @@ def train_and_evaluate(
         else metric_writers.MultiWriter([])
     )
     if step == 0:
-        writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items() if _scalar(v)})
+        writer.write_hparams({k: v for k, v in config_lib.flat_items(config).items() if _scalar(v)})
 
     def check_finite(metrics: dict[str, Any] | None = None) -> None:
         source = (
@@ -492,16 +492,6 @@ def train_and_evaluate(
     writer.close()
     checkpointer.close()
     return state
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _scalar(v: Any) -> bool:
