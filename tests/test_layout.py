@@ -63,12 +63,18 @@ def imported_modules(source: str) -> list[tuple[int, str]]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            out.append((node.lineno, f"relative import (level {node.level}) {node.module or ''}"))
+        elif isinstance(node, ast.ImportFrom) and node.module:
             if node.module == PACKAGE:  # `from daipnet_jax import data, models`
                 out += [(node.lineno, f"{PACKAGE}.{a.name}") for a in node.names]
             else:
                 out.append((node.lineno, node.module))
-    return [(line, m) for line, m in out if m == PACKAGE or m.startswith(PACKAGE + ".")]
+    return [
+        (line, m)
+        for line, m in out
+        if m == PACKAGE or m.startswith(PACKAGE + ".") or m.startswith("relative import")
+    ]
 
 
 def violations(sources: dict[str, str]) -> list[str]:
@@ -118,6 +124,7 @@ def test_imports_run_one_way():
         ("daipnet_jax.training.loop", "from daipnet_jax.evaluation import loop\n"),
         ("daipnet_jax.evaluation.loop", "from daipnet_jax.training.state import TrainState\n"),
         ("daipnet_jax.config", "from daipnet_jax.models import build\n"),
+        ("daipnet_jax.models.heads", "from ..training import loop\n"),  # unlayered: refused
     ],
 )
 def test_inverted_import_is_caught(module, source):
