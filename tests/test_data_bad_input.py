@@ -5,7 +5,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import pathlib
+import subprocess
+import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -189,3 +193,123 @@ def test_missing_annotation_file_and_bad_source(tmp_path):
     c.data.source = "imagenet"
     with pytest.raises(ValueError, match="imagenet"):
         data.num_train_examples(c)
+
+
+# ------------------------------------------------------------------ annotation JSON as users write it
+CATS = [1, 7, 90, 1000]  # non-contiguous and large ids
+
+
+def _user_folder(root: pathlib.Path, n: int = 4, hw: tuple[int, int] = (48, 64)) -> dict:
+    """`root/img/<i>.jpg` (n images, one box each, category CATS[i % 4]) and its COCO dict, with
+    only the keys many exporters write: no `area`, `iscrowd` or annotation `id`."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    h, w = hw
+    images, anns = [], []
+    for i in range(n):
+        a = np.full((h, w, 3), 30, np.uint8)
+        a[6 + i : 26 + i, 8:38] = (200, 100, 50)
+        Image.fromarray(a).save(root / "img" / f"{i}.jpg")
+        images.append({"id": i + 1, "file_name": f"{i}.jpg", "width": w, "height": h})
+        anns.append({"image_id": i + 1, "category_id": CATS[i % 4], "bbox": [8, 6 + i, 30, 20]})
+    cats = [{"id": c, "name": f"c{c}"} for c in CATS]
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def _folder_config(ann: pathlib.Path, img_dir: pathlib.Path, num_classes: int = len(CATS) + 1):
+    c = base_config("daipnet300", "coco_folder", width=0.125)
+    c.data.source = "coco_folder"
+    c.model.num_classes = num_classes
+    c.data.annotation_file = c.data.eval_annotation_file = str(ann)
+    c.data.image_dir = c.data.eval_image_dir = str(img_dir)
+    c.train.batch_size = 2
+    return c
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("top_level_list", r"not a COCO instances file: the top level is a list"),
+        ("images_not_list", r"'images' must be a list of objects"),
+        ("string_image_id", r"images\[0\]: id 'img1' is not an integer"),
+        ("no_image_id", r"annotations\[0\]: image_id None is not an integer"),
+        ("no_file_name", r"images\[0\] \(id 1\): file_name None is not a path"),
+        ("width_string", r"images\[0\] \(id 1\): width '64' is not a size in pixels"),
+        ("repeated_image_id", r"images\[1\]: id 1 \(1\.jpg\) repeats the id of 0\.jpg"),
+        ("repeated_category_id", r"categories\[4\]: id 7 \('again'\) repeats 'c7'"),
+        ("string_category_id", r"categories\[0\]: id '1' is not an integer"),
+    ],
+)
+def test_malformed_json_stops_at_start_naming_file_and_record(tmp_path, case, message):
+    """Before: a traceback (KeyError, TypeError, AttributeError), or silently wrong targets (a
+    repeated image id gave the second file the first one's boxes; a repeated category id two
+    labels, one of which never trained)."""
+    from daipnet_jax.config import ConfigError
+    from daipnet_jax.validate import validate_inputs
+
+    gt: Any = _user_folder(tmp_path)
+    if case == "top_level_list":
+        gt = gt["images"]
+    elif case == "images_not_list":
+        gt["images"] = {"0.jpg": 1}
+    elif case == "string_image_id":
+        gt["images"][0]["id"] = "img1"
+    elif case == "no_image_id":
+        del gt["annotations"][0]["image_id"]
+    elif case == "no_file_name":
+        del gt["images"][0]["file_name"]
+    elif case == "width_string":
+        gt["images"][0]["width"] = "64"
+    elif case == "repeated_image_id":
+        gt["images"][1]["id"] = 1
+    elif case == "repeated_category_id":
+        gt["categories"].append({"id": 7, "name": "again"})
+    elif case == "string_category_id":
+        gt["categories"][0]["id"] = "1"
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps(gt))
+    c = _folder_config(ann, tmp_path / "img")
+    with pytest.raises(ConfigError, match=r"^data\.annotation_file: .*a\.json: " + message):
+        validate_inputs(c, evaluate=False)
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _train_cli(ann: pathlib.Path, img_dir: pathlib.Path, workdir: pathlib.Path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
+    env.pop("DAIPNET_TRACEBACK", None)
+    flags = [
+        "--config=configs/coco.py:daipnet300,width=0.0625",
+        f"--workdir={workdir}",
+        "--config.data.source=coco_folder",
+        f"--config.model.num_classes={len(CATS) + 1}",
+        "--config.train.batch_size=2",
+        "--config.train.eval_batch_size=2",
+        "--config.train.total_steps=2",
+        "--config.train.warmup_epochs=0",
+        "--config.data.max_boxes=8",
+    ]
+    for prefix in ("", "eval_"):
+        flags += [f"--config.data.{prefix}annotation_file={ann}"]
+        flags += [f"--config.data.{prefix}image_dir={img_dir}"]
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *flags],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_train_cli_refuses_a_repeated_image_id_in_one_line(tmp_path):
+    gt = _user_folder(tmp_path, n=4)
+    gt["images"][2]["id"] = 2
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps(gt))
+    proc = _train_cli(ann, tmp_path / "img", tmp_path / "run")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert f"{ann}: images[2]: id 2 (2.jpg) repeats the id of 1.jpg" in line
+    assert not (tmp_path / "run").exists()  # nothing left behind

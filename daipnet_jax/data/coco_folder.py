@@ -116,10 +116,42 @@ def load_json(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def _records(data: Any, key: str) -> list[dict[str, Any]]:
+    """`data[key]` as a list of objects; ValueError naming the key otherwise."""
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"not a COCO instances file: the top level is a {type(data).__name__}, not an object "
+            "with 'images', 'annotations' and 'categories'"
+        )
+    out = data.get(key, [])
+    if not isinstance(out, list) or not all(isinstance(r, dict) for r in out):
+        raise ValueError(f"'{key}' must be a list of objects")
+    return out
+
+
+def _int_id(record: dict[str, Any], where: str, key: str = "id") -> int:
+    """An integer id of `record` (pycocotools and the results file need integers)."""
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{where}: {key} {value!r} is not an integer")
+    return value
+
+
 def categories(data: dict[str, Any]) -> tuple[list[int], list[str]]:
-    """Contiguous label table: label k (1..K) ↔ the k-th category by ascending id."""
-    cats = sorted(data.get("categories", []), key=lambda c: c["id"])
-    return [int(c["id"]) for c in cats], [str(c["name"]) for c in cats]
+    """Contiguous label table: label k (1..K) ↔ the k-th category by ascending id.
+
+    ValueError naming the record for a missing, non-integer or repeated id (a repeated id would
+    give two labels one category, and one of them no training target)."""
+    cats = _records(data, "categories")
+    seen: dict[int, str] = {}
+    for i, c in enumerate(cats):
+        cid = _int_id(c, f"categories[{i}]")
+        name = str(c.get("name", cid))
+        if cid in seen:
+            raise ValueError(f"categories[{i}]: id {cid} ({name!r}) repeats {seen[cid]!r}")
+        seen[cid] = name
+    ids = sorted(seen)
+    return ids, [seen[c] for c in ids]
 
 
 def _check_image(path: str) -> tuple[str, int, int]:
@@ -155,12 +187,30 @@ def load_folder(
     if category_ids is None:
         category_ids, _ = categories(data)
     to_label = {cid: k + 1 for k, cid in enumerate(category_ids)}
-    stats = DataStats(images_listed=len(data.get("images", [])))
+    images = _records(data, "images")
+    stats = DataStats(images_listed=len(images))
     per_image: dict[int, list[dict[str, Any]]] = {}
-    for a in data.get("annotations", []):
-        per_image.setdefault(a["image_id"], []).append(a)
+    for i, a in enumerate(_records(data, "annotations")):
+        per_image.setdefault(_int_id(a, f"annotations[{i}]", "image_id"), []).append(a)
+    listed: dict[int, str] = {}
+    for i, img in enumerate(images):
+        iid = _int_id(img, f"images[{i}]")
+        if not isinstance(img.get("file_name"), str):
+            raise ValueError(
+                f"images[{i}] (id {iid}): file_name {img.get('file_name')!r} is not a path"
+            )
+        for key in ("width", "height"):
+            v = img.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                raise ValueError(f"images[{i}] (id {iid}): {key} {v!r} is not a size in pixels")
+        if iid in listed:
+            # Two files under one id would share one image's boxes (and the evaluation's).
+            raise ValueError(
+                f"images[{i}]: id {iid} ({img['file_name']}) repeats the id of {listed[iid]}"
+            )
+        listed[iid] = img["file_name"]
     paths, ids, counts, boxes, labels, crowd = [], [], [], [], [], []
-    for img in sorted(data.get("images", []), key=lambda x: x["id"]):
+    for img in sorted(images, key=lambda x: x["id"]):
         path = os.path.join(image_dir, img["file_name"])
         h, w = img.get("height"), img.get("width")
         if validate or not (h and w):
