@@ -225,6 +225,38 @@ def _folder_config(ann: pathlib.Path, img_dir: pathlib.Path, num_classes: int = 
     return c
 
 
+def test_ground_truth_fills_the_keys_pycocotools_reads(tmp_path):
+    """No `area`, `iscrowd` or annotation `id` (pycocotools needs all three: the evaluation at
+    the end of training raised KeyError), a segmentation-only annotation and a null bbox
+    (skipped and counted, in training and in the evaluation ground truth alike)."""
+    from daipnet_jax.evaluation.coco import CocoEvaluator
+
+    gt = _user_folder(tmp_path)
+    gt["annotations"][1]["id"] = 5
+    gt["annotations"][2]["id"] = 5  # a repeated id
+    gt["annotations"] += [
+        {"image_id": 1, "category_id": 7, "segmentation": [[1, 1, 9, 1, 9, 9]]},
+        {"image_id": 2, "category_id": 7, "bbox": None},
+    ]
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps(gt))
+    rec = coco_folder.load_folder(str(ann), str(tmp_path / "img"))
+    assert (rec.stats.annotations, rec.stats.no_bbox, len(rec.labels)) == (6, 2, 4)
+    assert "no_bbox=2" in rec.stats.report()
+    out = coco_folder.ground_truth(str(ann), rec)
+    anns = out["annotations"]
+    assert len(anns) == 4 and len({a["id"] for a in anns}) == 4
+    assert all(a["iscrowd"] == 0 and a["area"] == a["bbox"][2] * a["bbox"][3] for a in anns)
+    # Perfect detections (the ground-truth boxes themselves, with the user's category ids).
+    ev = CocoEvaluator(out)
+    for a in anns:
+        x, y, bw, bh = a["bbox"]
+        box = np.array([[x / 64, y / 48, (x + bw) / 64, (y + bh) / 48]])
+        label = CATS.index(a["category_id"]) + 1
+        ev.add_image(box, np.array([0.9]), np.array([label]), a["image_id"], (48, 64))
+    assert ev.evaluate()["AP"] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
@@ -301,6 +333,26 @@ def _train_cli(ann: pathlib.Path, img_dir: pathlib.Path, workdir: pathlib.Path):
         text=True,
         timeout=600,
     )
+
+
+@pytest.mark.slow
+def test_train_cli_on_user_json_evaluates_with_the_users_category_ids(tmp_path):
+    """train.py (2 steps, evaluation at the end) on a JSON without `area` / `iscrowd` /
+    annotation ids and with category ids 1, 7, 90, 1000: it used to train, then stop on a
+    KeyError in the final evaluation. The results file carries the user's category ids."""
+    gt = _user_folder(tmp_path, n=4)
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps(gt))
+    proc = _train_cli(ann, tmp_path / "img", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    eval_dir = tmp_path / "run" / "eval"
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["num_images"] == 4 and 0.0 <= metrics["AP"] <= 1.0
+    assert set(metrics["per_class"]) == {f"c{c}" for c in CATS}
+    (results,) = eval_dir.glob("detections_*_results.json")
+    dets = json.loads(results.read_text())
+    assert dets and {d["category_id"] for d in dets} <= set(CATS)
+    assert {d["image_id"] for d in dets} <= {1, 2, 3, 4}
 
 
 def test_train_cli_refuses_a_repeated_image_id_in_one_line(tmp_path):

@@ -36,6 +36,7 @@ class DataStats:
     annotations: int = 0
     crowd: int = 0
     unknown_category: int = 0
+    no_bbox: int = 0
     boxes_clipped: int = 0
     boxes_invalid: int = 0
     skipped_files: list[str] = dataclasses.field(default_factory=list)
@@ -154,6 +155,17 @@ def categories(data: dict[str, Any]) -> tuple[list[int], list[str]]:
     return ids, [seen[c] for c in ids]
 
 
+def bbox_of(annotation: dict[str, Any]) -> list[float] | None:
+    """[x, y, w, h] of an annotation as floats, or None when it has no `bbox` of 4 numbers
+    (segmentation-only records, null, strings)."""
+    b = annotation.get("bbox")
+    if not isinstance(b, (list, tuple)) or len(b) != 4:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b):
+        return None
+    return [float(v) for v in b]
+
+
 def _check_image(path: str) -> tuple[str, int, int]:
     """('ok' | 'converted' | 'missing' | 'undecodable', height, width) from the file header."""
     from PIL import Image
@@ -227,7 +239,11 @@ def load_folder(
             if a.get("category_id") not in to_label:
                 stats.unknown_category += 1
                 continue
-            x, y, bw, bh = (float(v) for v in a["bbox"])
+            bbox = bbox_of(a)
+            if bbox is None:
+                stats.no_bbox += 1
+                continue
+            x, y, bw, bh = bbox
             box = [x / w, y / h, (x + bw) / w, (y + bh) / h]
             finite = all(math.isfinite(v) for v in box)
             if not finite or bw <= 0 or bh <= 0:
@@ -259,12 +275,30 @@ def load_folder(
 
 def ground_truth(annotation_file: str, records: FolderRecords | None = None) -> dict[str, Any]:
     """The COCO GT dict for pycocotools: the JSON itself (crowd kept), restricted to the images
-    the pipeline actually evaluates when `records` is given (skipped files are left out)."""
+    the pipeline actually evaluates when `records` is given (skipped files are left out).
+
+    Annotations without a `bbox` of 4 numbers are left out (the training targets leave them
+    out too; `DataStats.no_bbox`), and the keys pycocotools reads but COCO exports from other
+    tools often omit get COCO's defaults: `iscrowd` 0, `area` w·h, a unique `id`. Without them
+    the evaluation, at the end of training, stopped on a KeyError."""
     data = load_json(annotation_file)
+    anns = [(a, b) for a in _records(data, "annotations") if (b := bbox_of(a)) is not None]
     if records is not None:
         keep = set(records.image_ids.tolist())
-        data["images"] = [i for i in data["images"] if i["id"] in keep]
-        data["annotations"] = [a for a in data.get("annotations", []) if a["image_id"] in keep]
+        data["images"] = [i for i in _records(data, "images") if i["id"] in keep]
+        anns = [(a, b) for a, b in anns if a.get("image_id") in keep]
+    used = {a["id"] for a, _ in anns if isinstance(a.get("id"), int)}
+    next_id = max(used, default=0) + 1
+    data["annotations"] = []
+    for a, (_, _, w, h) in anns:
+        a = dict(a)
+        if not isinstance(a.get("id"), int) or a["id"] not in used:
+            a["id"], next_id = next_id, next_id + 1
+        used.discard(a["id"])  # a repeated id gets a new one
+        a["iscrowd"] = int(bool(a.get("iscrowd", 0)))  # as the training targets read it
+        if isinstance(a.get("area"), bool) or not isinstance(a.get("area"), (int, float)):
+            a["area"] = w * h
+        data["annotations"].append(a)
     data.setdefault("info", {})
     data.setdefault("licenses", [])
     return data
