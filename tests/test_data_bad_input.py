@@ -304,6 +304,44 @@ def test_malformed_json_stops_at_start_naming_file_and_record(tmp_path, case, me
         validate_inputs(c, evaluate=False)
 
 
+def test_json_size_unlike_the_file_is_skipped_and_counted(tmp_path, caplog):
+    """`width`/`height` that disagree with the image file (here swapped, as for a photo with
+    an EXIF rotation annotated upright, and one resized after annotation): the boxes were
+    normalised by the JSON's size while the network saw the file's pixels."""
+    gt = _user_folder(tmp_path, n=4, hw=(48, 64))
+    gt["images"][1].update(width=48, height=64)  # swapped
+    gt["images"][2].update(width=128, height=96)  # the file was resized to half
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps(gt))
+    with caplog.at_level(logging.WARNING):
+        rec = coco_folder.load_folder(str(ann), str(tmp_path / "img"))
+    assert rec.image_ids.tolist() == [1, 4]
+    assert rec.stats.size_mismatch == 2 and "size_mismatch=2" in rec.stats.report()
+    assert {pathlib.Path(p).name for p in rec.stats.skipped_files} == {"1.jpg", "2.jpg"}
+    assert any("JSON 48x64, file 64x48" in r.getMessage() for r in caplog.records)
+    # The boxes kept are the JSON's pixels over the file's size.
+    np.testing.assert_allclose(rec.boxes[1], [8 / 64, 9 / 48, 38 / 64, 29 / 48], rtol=1e-6)
+    # Without validation the JSON's sizes are trusted (documented).
+    assert len(coco_folder.load_folder(str(ann), str(tmp_path / "img"), validate=False).paths) == 4
+
+
+def test_exif_orientation_is_not_applied_anywhere(tmp_path):
+    """Boxes refer to the stored pixels: the header check, the training / evaluation decoder
+    and predict all read an EXIF-rotated JPEG in its stored 60x40 frame (docs/design.md)."""
+    from daipnet_jax.predict import load_image
+
+    a = np.zeros((40, 60, 3), np.uint8)
+    a[:, :10] = 255  # a bright left band: rotated, it would become a top or bottom band
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    path = tmp_path / "rotated.jpg"
+    im.save(path, exif=exif.tobytes(), quality=95)
+    assert coco_folder._check_image(str(path)) == ("ok", 40, 60)
+    for got in (pipeline.decode({"path": str(path)}).numpy(), load_image(path)):
+        assert got.shape == (40, 60, 3) and got[:, :8].mean() > 240 and got[:, 12:].mean() < 15
+
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

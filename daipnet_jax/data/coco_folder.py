@@ -31,6 +31,7 @@ class DataStats:
     images_used: int = 0
     missing: int = 0
     undecodable: int = 0
+    size_mismatch: int = 0
     converted_to_rgb: int = 0
     images_without_boxes: int = 0
     annotations: int = 0
@@ -222,6 +223,7 @@ def load_folder(
             )
         listed[iid] = img["file_name"]
     paths, ids, counts, boxes, labels, crowd = [], [], [], [], [], []
+    mismatched: list[str] = []
     for img in sorted(images, key=lambda x: x["id"]):
         path = os.path.join(image_dir, img["file_name"])
         h, w = img.get("height"), img.get("width")
@@ -230,6 +232,14 @@ def load_folder(
             if status in ("missing", "undecodable"):
                 setattr(stats, status, getattr(stats, status) + 1)
                 stats.skipped_files.append(path)
+                continue
+            if h and w and (h, w) != (hh, ww):
+                # Boxes are in the JSON's pixel frame, the network sees the file's pixels:
+                # normalising by either size would place the boxes wrongly (docs/design.md,
+                # image sizes and EXIF orientation).
+                stats.size_mismatch += 1
+                stats.skipped_files.append(path)
+                mismatched.append(f"{path} (JSON {w}x{h}, file {ww}x{hh})")
                 continue
             stats.converted_to_rgb += status == "converted"
             h, w = h or hh, w or ww
@@ -260,6 +270,14 @@ def load_folder(
         paths.append(path)
         ids.append(int(img["id"]))
         counts.append(n)
+    if mismatched:
+        logging.warning(
+            "%s: %d images skipped whose width/height differ from the image file, e.g. %s; "
+            "boxes must be in the stored pixels' frame (EXIF orientation is not applied)",
+            annotation_file,
+            len(mismatched),
+            "; ".join(mismatched[:3]),
+        )
     stats.images_used = len(paths)
     logging.info(stats.report(annotation_file))
     return FolderRecords(
