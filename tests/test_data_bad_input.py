@@ -342,6 +342,25 @@ def test_exif_orientation_is_not_applied_anywhere(tmp_path):
         assert got.shape == (40, 60, 3) and got[:, :8].mean() > 240 and got[:, 12:].mean() < 15
 
 
+def test_multi_picture_jpeg_from_cameras_is_used(tmp_path):
+    """PIL names a JPEG with appended frames (many phone photos) MPO; it was skipped as
+    undecodable although the pipeline decodes its first frame."""
+    gt = _user_folder(tmp_path, n=2)
+    first = np.asarray(Image.open(tmp_path / "img" / "0.jpg"))
+    Image.fromarray(first).save(
+        tmp_path / "img" / "0.jpg", "MPO", save_all=True, append_images=[Image.new("RGB", (64, 48))]
+    )
+    with Image.open(tmp_path / "img" / "0.jpg") as im:
+        assert im.format == "MPO"
+        frame0 = np.asarray(im.convert("RGB")).astype(int)
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps(gt))
+    rec = coco_folder.load_folder(str(ann), str(tmp_path / "img"))
+    assert rec.image_ids.tolist() == [1, 2] and rec.stats.undecodable == 0
+    got = pipeline.decode({"path": rec.paths[0]}).numpy()
+    assert got.shape == (48, 64, 3) and np.abs(got - frame0).max() <= 4  # JPEG decoders differ
+
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

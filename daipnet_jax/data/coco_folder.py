@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-# Formats tf.io.decode_image can decode.
-TF_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+# Formats tf.io.decode_image can decode. MPO is a JPEG with further frames appended (PIL's name
+# for many phone and stereo-camera photos); TensorFlow decodes its first frame.
+TF_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP")
 
 
 @dataclasses.dataclass
