@@ -41,6 +41,7 @@ if __name__ == "__main__":
     platform.setup()  # before JAX starts and TensorFlow loads (below)
 
 from daipnet_jax import cli
+from daipnet_jax.data.coco_folder import TF_FORMATS
 from daipnet_jax.data.tfds_sources import COCO_CATEGORY_IDS, COCO_NAMES, VOC_NAMES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -194,10 +195,27 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 
 
 def load_image(path: Path) -> np.ndarray:
-    """RGB uint8 [H, W, 3]; raises InputError naming the file when it cannot be decoded."""
+    """RGB uint8 [H, W, 3] with the pixels evaluation sees; raises InputError naming the file
+    when it cannot be decoded.
+
+    The formats the data pipeline reads are decoded by it (`data.pipeline.decode`): PIL's
+    `convert("RGB")` clips a 16-bit PNG to white where TensorFlow scales it to 8 bits, and its
+    JPEG decoder rounds differently. PIL reads the rest (TIFF, ...) and the few variants
+    TensorFlow refuses (1-bit BMP, WebP with alpha)."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), np.uint8)
+            fmt = im.format
+            if fmt not in TF_FORMATS:
+                return np.asarray(im.convert("RGB"), np.uint8)
+        import tensorflow as tf
+
+        from daipnet_jax.data import pipeline
+
+        try:
+            return np.asarray(pipeline.decode({"path": tf.constant(str(path))}).numpy())
+        except tf.errors.OpError:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"), np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise InputError(f"cannot read image {str(path)!r}: {e}") from e
 

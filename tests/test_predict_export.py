@@ -179,6 +179,28 @@ def test_collect_and_load_errors(tmp_path):
     assert load_image(good / "b.png").shape == (6, 8, 3)
 
 
+def test_load_image_decodes_as_the_evaluation_pipeline(tmp_path):
+    """predict sees the pixels evaluation sees: a 16-bit PNG was clipped to white by PIL's
+    convert (TensorFlow scales it to 8 bits), and PIL's JPEG decoder rounds differently."""
+    from daipnet_jax.data import pipeline
+
+    rng = np.random.default_rng(0)
+    v16 = rng.integers(0, 65536, (20, 30)).astype(np.uint16)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(v16).save(tmp_path / "i16.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(rgb).save(tmp_path / "rgb.jpg", progressive=True)
+    Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
+    with Image.open(tmp_path / "i16.png") as im:
+        assert im.mode == "I;16"
+    for name in ("i16.png", "cmyk.jpg", "rgb.jpg", "p.png"):
+        want = pipeline.decode({"path": str(tmp_path / name)}).numpy()
+        np.testing.assert_array_equal(load_image(tmp_path / name), want, err_msg=name)
+    scaled = np.round(v16 * (255 / 65535)).astype(int)  # 16 → 8 bits, independently
+    got = load_image(tmp_path / "i16.png").astype(int)
+    assert np.abs(got - scaled[..., None]).max() <= 1
+
+
 def test_draw_boxes_marks_box_outline():
     img = np.full((120, 160, 3), 128, np.uint8)
     names = ["a", "b", "c"]
