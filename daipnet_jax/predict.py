@@ -85,8 +85,8 @@ def label_map_for(config: Any) -> tuple[list[int], list[str]]:
                     os.path.expanduser("~"), ".cache", "daipnet_jax", "generated"
                 )
                 candidates = [os.path.join(root, f"instances_{s}.json") for s in ("val", "train")]
-            else:
-                candidates = [d.get("eval_annotation_file", ""), d.get("annotation_file", "")]
+            else:  # the training file first, as `data.label_map`: it defines the labels
+                candidates = [d.get("annotation_file", ""), d.get("eval_annotation_file", "")]
             for ann in candidates:
                 if ann and os.path.exists(ann):
                     ids, names = coco_folder.categories(coco_folder.load_json(ann))
@@ -370,7 +370,7 @@ def predict_files(
         model = models.build(config)
     size = int(config.model.image_size)
     fn = jax.jit(make_predict_fn(config, model))
-    names = class_names_for(config)
+    category_ids, names = label_map_for(config)
     os.makedirs(out_dir, exist_ok=True)
     if images is None:
         images = [load_image(p) for p in paths]  # fail early, before any compute
@@ -398,6 +398,7 @@ def predict_files(
             dets = [
                 {
                     "label": int(c),
+                    "category_id": category_ids[int(c) - 1],  # the dataset's own id
                     "class_name": names[int(c) - 1],
                     "score": float(s),
                     "bbox": [round(float(v), 2) for v in b],
