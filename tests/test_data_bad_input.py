@@ -361,6 +361,47 @@ def test_multi_picture_jpeg_from_cameras_is_used(tmp_path):
     assert got.shape == (48, 64, 3) and np.abs(got - frame0).max() <= 4  # JPEG decoders differ
 
 
+def _one_bit_bmp(path: pathlib.Path) -> None:
+    """A 64x48 1-bit BMP: PIL reads its header, tf.io.decode_image refuses it."""
+    Image.fromarray(np.indices((48, 64)).sum(0) % 2 == 0).save(path)
+    import tensorflow as tf
+
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        pipeline.decode({"path": str(path)})
+
+
+def test_evaluation_leaves_out_images_that_could_not_be_decoded(tmp_path):
+    """A file whose header PIL reads but TensorFlow cannot decode (a 1-bit BMP) passes the
+    build-time check and is dropped by the evaluation pipeline; its objects counted as missed
+    detections (perfect detections on the other images scored AP 0.75 instead of 1)."""
+    from daipnet_jax.evaluation import make_evaluator
+
+    gt = _user_folder(tmp_path, n=4)
+    _one_bit_bmp(tmp_path / "img" / "3.bmp")
+    gt["images"][3]["file_name"] = "3.bmp"
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps(gt))
+    c = _folder_config(ann, tmp_path / "img")
+    c.train.eval_batch_size = 2
+    out = data.eval_ground_truth(c)
+    ev = make_evaluator(c, out, [0, *CATS])
+    by_image = {a["image_id"]: a for a in out["annotations"]}
+    for b in data.make_eval_iterator(c, 0, 1):
+        boxes, labels = np.zeros((2, 1, 4)), np.ones((2, 1), np.int32)
+        for j, iid in enumerate(b["image_id"]):
+            if b["valid"][j]:
+                x, y, bw, bh = by_image[int(iid)]["bbox"]
+                boxes[j, 0] = [x / 64, y / 48, (x + bw) / 64, (y + bh) / 48]
+                labels[j, 0] = CATS.index(by_image[int(iid)]["category_id"]) + 1
+        ev.add_batch(
+            boxes, np.full((2, 1), 0.9), labels, np.ones((2, 1), bool),
+            b["image_id"], b["orig_size"], b["valid"],
+        )  # fmt: skip
+    assert sorted(ev.image_ids) == [1, 2, 3]
+    assert ev.leave_out_unevaluated() == [4]
+    assert ev.evaluate()["AP"] == pytest.approx(1.0)
+
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -397,14 +438,18 @@ def test_train_cli_on_user_json_evaluates_with_the_users_category_ids(tmp_path):
     """train.py (2 steps, evaluation at the end) on a JSON without `area` / `iscrowd` /
     annotation ids and with category ids 1, 7, 90, 1000: it used to train, then stop on a
     KeyError in the final evaluation. The results file carries the user's category ids."""
-    gt = _user_folder(tmp_path, n=4)
+    gt = _user_folder(tmp_path, n=5)
+    _one_bit_bmp(tmp_path / "img" / "4.bmp")
+    gt["images"][4]["file_name"] = "4.bmp"
     ann = tmp_path / "a.json"
     ann.write_text(json.dumps(gt))
     proc = _train_cli(ann, tmp_path / "img", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 images could not be decoded and are left out of the metrics (ids [5])" in proc.stderr
     eval_dir = tmp_path / "run" / "eval"
     metrics = json.loads((eval_dir / "metrics.json").read_text())
-    assert metrics["num_images"] == 4 and 0.0 <= metrics["AP"] <= 1.0
+    assert metrics["num_images"] == 4 and metrics["images_not_decoded"] == 1
+    assert 0.0 <= metrics["AP"] <= 1.0
     assert set(metrics["per_class"]) == {f"c{c}" for c in CATS}
     (results,) = eval_dir.glob("detections_*_results.json")
     dets = json.loads(results.read_text())

@@ -194,8 +194,18 @@ def evaluate(
             "data.eval_split" if config.data.source == "tfds" else "data.eval_image_dir",
             "the evaluation data yielded no image; no metrics were written",
         )
+    lost = evaluator.leave_out_unevaluated() if hasattr(evaluator, "leave_out_unevaluated") else []
+    if lost:
+        logging.warning(
+            "evaluation: %d images could not be decoded and are left out of the metrics (ids %s%s)",
+            len(lost),
+            lost[:10],
+            " ..." if len(lost) > 10 else "",
+        )
     metrics = dict(evaluator.evaluate())
     metrics["num_images"] = images
+    if lost:
+        metrics["images_not_decoded"] = len(lost)
     metrics["seconds"] = seconds
     metrics["images_per_s"] = images / seconds if seconds > 0 else 0.0
     noun = "image" if images == 1 else "images"
