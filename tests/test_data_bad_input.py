@@ -402,6 +402,44 @@ def test_evaluation_leaves_out_images_that_could_not_be_decoded(tmp_path):
     assert ev.evaluate()["AP"] == pytest.approx(1.0)
 
 
+def test_evaluation_categories_must_be_the_models(tmp_path):
+    """An evaluation file with a category the training file lacks: pycocotools averaged AP
+    over it (always 0) while the per-class table left it out. A subset is fine."""
+    from daipnet_jax.config import ConfigError
+    from daipnet_jax.evaluation.coco import CocoEvaluator
+    from daipnet_jax.validate import validate_inputs
+
+    gt = _user_folder(tmp_path, n=4)
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(gt))
+    extra = json.loads(json.dumps(gt))
+    extra["categories"].append({"id": 5, "name": "extra"})
+    extra["annotations"][0]["category_id"] = 5
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(extra))
+    # What it did: perfect detections on the other three images, AP 0.75 over four categories.
+    ev = CocoEvaluator(coco_folder.ground_truth(str(val)), [0, *CATS])
+    for a in extra["annotations"][1:]:
+        x, y, bw, bh = a["bbox"]
+        box = np.array([[x / 64, y / 48, (x + bw) / 64, (y + bh) / 48]])
+        label = CATS.index(a["category_id"]) + 1
+        ev.add_image(box, np.array([0.9]), np.array([label]), a["image_id"], (48, 64))
+    m = ev.evaluate()
+    assert m["AP"] == pytest.approx(0.75)
+    assert m["per_class"]["c1"]["AP"] == -1 and m["per_class"]["c7"]["AP"] == pytest.approx(1.0)
+    c = _folder_config(train, tmp_path / "img")
+    c.data.eval_annotation_file = str(val)
+    with pytest.raises(ConfigError, match=r"^data\.eval_annotation_file: .*val\.json: category 5 "
+                       r"\('extra'\) is not one of the 4 categories .*train\.json"):  # fmt: skip
+        validate_inputs(c)
+    subset = json.loads(json.dumps(gt))
+    subset["categories"] = subset["categories"][:3]
+    subset["annotations"] = subset["annotations"][:3]
+    (tmp_path / "subset.json").write_text(json.dumps(subset))
+    c.data.eval_annotation_file = str(tmp_path / "subset.json")
+    validate_inputs(c)
+
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
