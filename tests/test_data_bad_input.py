@@ -361,24 +361,27 @@ def test_multi_picture_jpeg_from_cameras_is_used(tmp_path):
     assert got.shape == (48, 64, 3) and np.abs(got - frame0).max() <= 4  # JPEG decoders differ
 
 
-def _one_bit_bmp(path: pathlib.Path) -> None:
-    """A 64x48 1-bit BMP: PIL reads its header, tf.io.decode_image refuses it."""
-    Image.fromarray(np.indices((48, 64)).sum(0) % 2 == 0).save(path)
+def _cut_jpeg(path: pathlib.Path) -> None:
+    """A 64x48 JPEG cut after a third: PIL reads its header, tf.io.decode_image fails."""
     import tensorflow as tf
 
+    noise = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "JPEG")
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    assert coco_folder._check_image(str(path)) == ("ok", 48, 64)
     with pytest.raises(tf.errors.InvalidArgumentError):
         pipeline.decode({"path": str(path)})
 
 
 def test_evaluation_leaves_out_images_that_could_not_be_decoded(tmp_path):
-    """A file whose header PIL reads but TensorFlow cannot decode (a 1-bit BMP) passes the
+    """A file whose header PIL reads but TensorFlow cannot decode (a cut JPEG) passes the
     build-time check and is dropped by the evaluation pipeline; its objects counted as missed
     detections (perfect detections on the other images scored AP 0.75 instead of 1)."""
     from daipnet_jax.evaluation import make_evaluator
 
     gt = _user_folder(tmp_path, n=4)
-    _one_bit_bmp(tmp_path / "img" / "3.bmp")
-    gt["images"][3]["file_name"] = "3.bmp"
+    _cut_jpeg(tmp_path / "img" / "3.jpg")
     ann = tmp_path / "a.json"
     ann.write_text(json.dumps(gt))
     c = _folder_config(ann, tmp_path / "img")
@@ -440,6 +443,32 @@ def test_evaluation_categories_must_be_the_models(tmp_path):
     validate_inputs(c)
 
 
+def test_variants_tensorflow_cannot_decode_are_counted_at_build_time(tmp_path):
+    """A 1-bit BMP, a WebP with alpha and an animated WebP: PIL reads them, the pipeline's
+    decoder refuses them; they passed the header check and were dropped uncounted later."""
+    import tensorflow as tf
+
+    gt = _user_folder(tmp_path, n=5)
+    rgb = np.asarray(Image.open(tmp_path / "img" / "0.jpg"))
+    writers = {
+        "1.bmp": lambda p: Image.fromarray(rgb[..., 0] > 100).save(p),
+        "2.webp": lambda p: Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(p, lossless=True),
+        "3.webp": lambda p: Image.fromarray(rgb).save(
+            p, save_all=True, append_images=[Image.fromarray(rgb[::-1].copy())]
+        ),
+    }
+    for k, (name, write) in enumerate(writers.items(), start=1):
+        write(tmp_path / "img" / name)
+        gt["images"][k]["file_name"] = name
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            pipeline.decode({"path": str(tmp_path / "img" / name)})
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps(gt))
+    rec = coco_folder.load_folder(str(ann), str(tmp_path / "img"))
+    assert rec.image_ids.tolist() == [1, 5] and rec.stats.undecodable == 3
+    assert {pathlib.Path(p).name for p in rec.stats.skipped_files} == set(writers)
+
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -477,8 +506,7 @@ def test_train_cli_on_user_json_evaluates_with_the_users_category_ids(tmp_path):
     annotation ids and with category ids 1, 7, 90, 1000: it used to train, then stop on a
     KeyError in the final evaluation. The results file carries the user's category ids."""
     gt = _user_folder(tmp_path, n=5)
-    _one_bit_bmp(tmp_path / "img" / "4.bmp")
-    gt["images"][4]["file_name"] = "4.bmp"
+    _cut_jpeg(tmp_path / "img" / "4.jpg")
     ann = tmp_path / "a.json"
     ann.write_text(json.dumps(gt))
     proc = _train_cli(ann, tmp_path / "img", tmp_path / "run")

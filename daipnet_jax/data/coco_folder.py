@@ -178,6 +178,12 @@ def _check_image(path: str) -> tuple[str, int, int]:
         with Image.open(path) as im:
             if im.format not in TF_FORMATS:
                 return "undecodable", 0, 0
+            if (im.format == "BMP" and im.mode == "1") or (
+                im.format == "WEBP" and (im.mode == "RGBA" or getattr(im, "n_frames", 1) > 1)
+            ):
+                # Variants PIL reads and tf.io.decode_image refuses (1-bit BMP, WebP with
+                # alpha, animated WebP): dropped at decode time, they would go uncounted.
+                return "undecodable", 0, 0
             w, h = im.size
             return ("ok" if im.mode == "RGB" else "converted"), h, w
     except Exception:
