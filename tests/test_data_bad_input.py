@@ -257,6 +257,31 @@ def test_ground_truth_fills_the_keys_pycocotools_reads(tmp_path):
     assert ev.evaluate()["AP"] == pytest.approx(1.0)
 
 
+def test_ground_truth_leaves_out_boxes_training_drops(tmp_path):
+    """Zero-width, NaN and wholly-outside boxes are dropped from the training targets and
+    counted as invalid; in the evaluation ground truth they could never be matched and
+    counted as missed objects (AP 0.81, not 1, for perfect detections of the 4 real ones)."""
+    from daipnet_jax.evaluation.coco import CocoEvaluator
+
+    gt = _user_folder(tmp_path, n=4)
+    real = [dict(a) for a in gt["annotations"]]
+    for bbox in ([10, 10, 0, 5], [float("nan"), 1, 5, 5], [70, 10, 5, 5]):  # image is 64x48
+        gt["annotations"].append({"image_id": 2, "category_id": 7, "bbox": bbox})
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps(gt))
+    rec = coco_folder.load_folder(str(ann), str(tmp_path / "img"))
+    assert (rec.stats.boxes_invalid, rec.stats.boxes_clipped) == (3, 0)
+    out = coco_folder.ground_truth(str(ann), rec)
+    assert [a["bbox"] for a in out["annotations"]] == [a["bbox"] for a in real]
+    ev = CocoEvaluator(out)
+    for a in real:
+        x, y, bw, bh = a["bbox"]
+        box = np.array([[x / 64, y / 48, (x + bw) / 64, (y + bh) / 48]])
+        label = CATS.index(a["category_id"]) + 1
+        ev.add_image(box, np.array([0.9]), np.array([label]), a["image_id"], (48, 64))
+    assert ev.evaluate()["AP"] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

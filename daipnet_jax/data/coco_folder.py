@@ -263,7 +263,8 @@ def load_folder(
             x, y, bw, bh = bbox
             box = [x / w, y / h, (x + bw) / w, (y + bh) / h]
             finite = all(math.isfinite(v) for v in box)
-            if not finite or bw <= 0 or bh <= 0:
+            outside = box[0] >= 1 or box[1] >= 1 or box[2] <= 0 or box[3] <= 0
+            if not finite or bw <= 0 or bh <= 0 or outside:
                 stats.boxes_invalid += 1
             elif min(box) < 0 or max(box) > 1:
                 stats.boxes_clipped += 1
@@ -302,12 +303,29 @@ def ground_truth(annotation_file: str, records: FolderRecords | None = None) -> 
     """The COCO GT dict for pycocotools: the JSON itself (crowd kept), restricted to the images
     the pipeline actually evaluates when `records` is given (skipped files are left out).
 
-    Annotations without a `bbox` of 4 numbers are left out (the training targets leave them
-    out too; `DataStats.no_bbox`), and the keys pycocotools reads but COCO exports from other
-    tools often omit get COCO's defaults: `iscrowd` 0, `area` w·h, a unique `id`. Without them
-    the evaluation, at the end of training, stopped on a KeyError."""
+    Annotations without a `bbox` of 4 numbers (`DataStats.no_bbox`) or whose box cannot be
+    matched (non-finite, zero or negative size, wholly outside the image: `boxes_invalid`) are
+    left out, as from the training targets: they counted as missed objects. The keys
+    pycocotools reads but COCO exports from other tools often omit get COCO's defaults:
+    `iscrowd` 0, `area` w·h, a unique `id`. Without them the evaluation, at the end of
+    training, stopped on a KeyError."""
     data = load_json(annotation_file)
-    anns = [(a, b) for a in _records(data, "annotations") if (b := bbox_of(a)) is not None]
+    sizes = {i.get("id"): (i.get("width"), i.get("height")) for i in _records(data, "images")}
+
+    def usable(a: dict[str, Any], b: list[float]) -> bool:
+        """The rule of the training targets (`pipeline.sanitize`): finite, positive width and
+        height, not wholly outside the image. Other boxes can never be matched."""
+        x, y, bw, bh = b
+        if not all(math.isfinite(v) for v in b) or bw <= 0 or bh <= 0:
+            return False
+        w, h = sizes.get(a.get("image_id"), (None, None))
+        return not (w and h and (x >= w or y >= h or x + bw <= 0 or y + bh <= 0))
+
+    anns = [
+        (a, b)
+        for a in _records(data, "annotations")
+        if (b := bbox_of(a)) is not None and usable(a, b)
+    ]
     if records is not None:
         keep = set(records.image_ids.tolist())
         data["images"] = [i for i in _records(data, "images") if i["id"] in keep]
