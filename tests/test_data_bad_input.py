@@ -494,6 +494,24 @@ def test_variants_tensorflow_cannot_decode_are_counted_at_build_time(tmp_path):
     assert {pathlib.Path(p).name for p in rec.stats.skipped_files} == set(writers)
 
 
+def test_evaluation_file_without_annotations_is_said(tmp_path, caplog):
+    """An evaluation JSON with images and no annotations puts the evaluator in COCO test-dev
+    mode (detections written, no metrics); training then ended without metrics or a word."""
+    from daipnet_jax.evaluation.loop import make_evaluator_for
+
+    gt = _user_folder(tmp_path, n=2)
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(gt))
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(dict(gt, annotations=[])))
+    c = _folder_config(train, tmp_path / "img")
+    c.data.eval_annotation_file = str(val)
+    with caplog.at_level(logging.WARNING):
+        ev = make_evaluator_for(c)
+    assert ev.test_dev
+    assert any(f"{val} has no annotations" in r.getMessage() for r in caplog.records)
+
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -293,6 +293,13 @@ def make_evaluator_for(
 
     category_ids, names = label_map if label_map is not None else data.label_map(config)
     gt = ground_truth if ground_truth is not None else data.eval_ground_truth(config)
+    if config.data.source != "tfds" and gt.get("images") and not gt.get("annotations"):
+        # COCO test-dev mode is meant for tfds' test split; for a folder it is likely the
+        # wrong file, and the run would otherwise end without metrics and without saying why.
+        logging.warning(
+            "%s has no annotations: the evaluation writes detections only, no metrics",
+            config.data.eval_annotation_file or config.data.source,
+        )
     return make_evaluator(config, gt, [0, *category_ids], class_names=names)
 
 
