@@ -41,6 +41,7 @@ if __name__ == "__main__":
     platform.setup()  # before JAX starts and TensorFlow loads (below)
 
 from daipnet_jax import cli
+from daipnet_jax.data.coco_folder import TF_FORMATS
 from daipnet_jax.data.tfds_sources import COCO_CATEGORY_IDS, COCO_NAMES, VOC_NAMES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -84,8 +85,8 @@ def label_map_for(config: Any) -> tuple[list[int], list[str]]:
                     os.path.expanduser("~"), ".cache", "daipnet_jax", "generated"
                 )
                 candidates = [os.path.join(root, f"instances_{s}.json") for s in ("val", "train")]
-            else:
-                candidates = [d.get("eval_annotation_file", ""), d.get("annotation_file", "")]
+            else:  # the training file first, as `data.label_map`: it defines the labels
+                candidates = [d.get("annotation_file", ""), d.get("eval_annotation_file", "")]
             for ann in candidates:
                 if ann and os.path.exists(ann):
                     ids, names = coco_folder.categories(coco_folder.load_json(ann))
@@ -194,10 +195,27 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 
 
 def load_image(path: Path) -> np.ndarray:
-    """RGB uint8 [H, W, 3]; raises InputError naming the file when it cannot be decoded."""
+    """RGB uint8 [H, W, 3] with the pixels evaluation sees; raises InputError naming the file
+    when it cannot be decoded.
+
+    The formats the data pipeline reads are decoded by it (`data.pipeline.decode`): PIL's
+    `convert("RGB")` clips a 16-bit PNG to white where TensorFlow scales it to 8 bits, and its
+    JPEG decoder rounds differently. PIL reads the rest (TIFF, ...) and the few variants
+    TensorFlow refuses (1-bit BMP, WebP with alpha)."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), np.uint8)
+            fmt = im.format
+            if fmt not in TF_FORMATS:
+                return np.asarray(im.convert("RGB"), np.uint8)
+        import tensorflow as tf
+
+        from daipnet_jax.data import pipeline
+
+        try:
+            return np.asarray(pipeline.decode({"path": tf.constant(str(path))}).numpy())
+        except tf.errors.OpError:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"), np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise InputError(f"cannot read image {str(path)!r}: {e}") from e
 
@@ -352,7 +370,7 @@ def predict_files(
         model = models.build(config)
     size = int(config.model.image_size)
     fn = jax.jit(make_predict_fn(config, model))
-    names = class_names_for(config)
+    category_ids, names = label_map_for(config)
     os.makedirs(out_dir, exist_ok=True)
     if images is None:
         images = [load_image(p) for p in paths]  # fail early, before any compute
@@ -380,6 +398,7 @@ def predict_files(
             dets = [
                 {
                     "label": int(c),
+                    "category_id": category_ids[int(c) - 1],  # the dataset's own id
                     "class_name": names[int(c) - 1],
                     "score": float(s),
                     "bbox": [round(float(v), 2) for v in b],

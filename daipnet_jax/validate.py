@@ -269,6 +269,17 @@ def validate_inputs(
                 f"{ann} (expected {len(ids) + 1}: categories + background)",
             )
         if split != "train":
+            # pycocotools averages over the evaluation file's categories: one the model has no
+            # label for would score 0 and pull AP down, while the per-class table omits it.
+            eval_ids, eval_names = coco_folder.categories(coco_folder.load_json(ann))
+            train_ann, _ = source.files(config, "train")
+            for cid, name in zip(eval_ids, eval_names, strict=True):
+                if cid not in ids:
+                    raise ConfigError(
+                        f"{prefix[split]}annotation_file",
+                        f"{ann}: category {cid} ({name!r}) is not one of the {len(ids)} "
+                        f"categories the model is trained on ({train_ann or ann})",
+                    )
             continue
         usable = coco_folder.usable_images(records)
         batch = int(config.train.batch_size)

@@ -232,7 +232,8 @@ def test_evaluate_one_device_two_devices_two_processes_identical(trained, data_f
 @pytest.mark.slow
 def test_predict_and_export_two_devices(trained, data_flags, tmp_path):
     import tensorflow as tf
-    from PIL import Image
+
+    from daipnet_jax.predict import load_image
 
     images = sorted((_data_dir(data_flags) / "images" / "val").glob("*.jpg"))[:3]
     ckpt = f"--checkpoint={trained['workdir']}"
@@ -256,7 +257,7 @@ def test_predict_and_export_two_devices(trained, data_flags, tmp_path):
     for path in images:
         rec = json.loads((tmp_path / "pred" / f"{path.stem}.json").read_text())
         assert (tmp_path / "pred" / f"{path.stem}.png").is_file()
-        pixels = np.asarray(Image.open(path).convert("RGB"))
+        pixels = load_image(path)  # the pixels predict ran on (the pipeline's JPEG decoder)
         assert (rec["height"], rec["width"]) == pixels.shape[:2]
         out = loaded.signatures["serve_single"](image=tf.constant(pixels))
         valid = out["valid"].numpy()

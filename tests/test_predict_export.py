@@ -179,6 +179,66 @@ def test_collect_and_load_errors(tmp_path):
     assert load_image(good / "b.png").shape == (6, 8, 3)
 
 
+def test_load_image_decodes_as_the_evaluation_pipeline(tmp_path):
+    """predict sees the pixels evaluation sees: a 16-bit PNG was clipped to white by PIL's
+    convert (TensorFlow scales it to 8 bits), and PIL's JPEG decoder rounds differently."""
+    from daipnet_jax.data import pipeline
+
+    rng = np.random.default_rng(0)
+    v16 = rng.integers(0, 65536, (20, 30)).astype(np.uint16)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(v16).save(tmp_path / "i16.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(rgb).save(tmp_path / "rgb.jpg", progressive=True)
+    Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
+    with Image.open(tmp_path / "i16.png") as im:
+        assert im.mode == "I;16"
+    for name in ("i16.png", "cmyk.jpg", "rgb.jpg", "p.png"):
+        want = pipeline.decode({"path": str(tmp_path / name)}).numpy()
+        np.testing.assert_array_equal(load_image(tmp_path / name), want, err_msg=name)
+    scaled = np.round(v16 * (255 / 65535)).astype(int)  # 16 → 8 bits, independently
+    got = load_image(tmp_path / "i16.png").astype(int)
+    assert np.abs(got - scaled[..., None]).max() <= 1
+
+
+def test_predict_json_carries_the_users_category_ids(tmp_path):
+    """Labels are 1..K; the JSON also names the dataset's own category id. The names and ids
+    come from the training annotation file, as the labels do: an evaluation file listing only
+    some categories gave `class k` names and ids 1..K."""
+    from daipnet_jax.predict import label_map_for, predict_files
+
+    cats = [(1, "a"), (7, "b"), (90, "c"), (1000, "d")]
+    train_json, eval_json = tmp_path / "train.json", tmp_path / "val.json"
+    train_json.write_text(json.dumps({"images": [], "annotations": [], "categories": [
+        {"id": i, "name": n} for i, n in cats]}))  # fmt: skip
+    eval_json.write_text(json.dumps({"images": [], "annotations": [], "categories": [
+        {"id": i, "name": n} for i, n in cats[1:]]}))  # fmt: skip
+    c = base_config("daipnet300", "coco_folder", width=0.125)
+    c.data.source = "coco_folder"
+    c.model.num_classes = len(cats) + 1
+    c.data.annotation_file, c.data.eval_annotation_file = str(train_json), str(eval_json)
+    assert label_map_for(c) == ([i for i, _ in cats], [n for _, n in cats])
+    # The scripted model detects label 3 (category 90) on prior 5, read from the pixels.
+    num_priors = len(boxes_lib.prior_boxes(c))
+    img = np.zeros((40, 50, 3), np.uint8)
+    img[..., 0], img[..., 1] = 5, 3
+    Image.fromarray(img).save(tmp_path / "x.png")
+    (rec,) = predict_files(
+        c,
+        {"x": jax.numpy.zeros(())},
+        [tmp_path / "x.png"],
+        str(tmp_path / "out"),
+        score_threshold=0.5,
+        batch_size=1,
+        model=_ScriptedModel(num_priors, len(cats) + 1),
+    )
+    (det,) = rec["detections"]
+    assert (det["label"], det["category_id"], det["class_name"]) == (3, 90, "c")
+    assert (
+        json.loads((tmp_path / "out" / "x.json").read_text())["detections"][0]["category_id"] == 90
+    )
+
+
 def test_draw_boxes_marks_box_outline():
     img = np.full((120, 160, 3), 128, np.uint8)
     names = ["a", "b", "c"]

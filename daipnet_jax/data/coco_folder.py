@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-# Formats tf.io.decode_image can decode.
-TF_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+# Formats tf.io.decode_image can decode. MPO is a JPEG with further frames appended (PIL's name
+# for many phone and stereo-camera photos); TensorFlow decodes its first frame.
+TF_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP")
 
 
 @dataclasses.dataclass
@@ -31,11 +32,13 @@ class DataStats:
     images_used: int = 0
     missing: int = 0
     undecodable: int = 0
+    size_mismatch: int = 0
     converted_to_rgb: int = 0
     images_without_boxes: int = 0
     annotations: int = 0
     crowd: int = 0
     unknown_category: int = 0
+    no_bbox: int = 0
     boxes_clipped: int = 0
     boxes_invalid: int = 0
     skipped_files: list[str] = dataclasses.field(default_factory=list)
@@ -116,10 +119,53 @@ def load_json(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def _records(data: Any, key: str) -> list[dict[str, Any]]:
+    """`data[key]` as a list of objects; ValueError naming the key otherwise."""
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"not a COCO instances file: the top level is a {type(data).__name__}, not an object "
+            "with 'images', 'annotations' and 'categories'"
+        )
+    out = data.get(key, [])
+    if not isinstance(out, list) or not all(isinstance(r, dict) for r in out):
+        raise ValueError(f"'{key}' must be a list of objects")
+    return out
+
+
+def _int_id(record: dict[str, Any], where: str, key: str = "id") -> int:
+    """An integer id of `record` (pycocotools and the results file need integers)."""
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{where}: {key} {value!r} is not an integer")
+    return value
+
+
 def categories(data: dict[str, Any]) -> tuple[list[int], list[str]]:
-    """Contiguous label table: label k (1..K) ↔ the k-th category by ascending id."""
-    cats = sorted(data.get("categories", []), key=lambda c: c["id"])
-    return [int(c["id"]) for c in cats], [str(c["name"]) for c in cats]
+    """Contiguous label table: label k (1..K) ↔ the k-th category by ascending id.
+
+    ValueError naming the record for a missing, non-integer or repeated id (a repeated id would
+    give two labels one category, and one of them no training target)."""
+    cats = _records(data, "categories")
+    seen: dict[int, str] = {}
+    for i, c in enumerate(cats):
+        cid = _int_id(c, f"categories[{i}]")
+        name = str(c.get("name", cid))
+        if cid in seen:
+            raise ValueError(f"categories[{i}]: id {cid} ({name!r}) repeats {seen[cid]!r}")
+        seen[cid] = name
+    ids = sorted(seen)
+    return ids, [seen[c] for c in ids]
+
+
+def bbox_of(annotation: dict[str, Any]) -> list[float] | None:
+    """[x, y, w, h] of an annotation as floats, or None when it has no `bbox` of 4 numbers
+    (segmentation-only records, null, strings)."""
+    b = annotation.get("bbox")
+    if not isinstance(b, (list, tuple)) or len(b) != 4:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b):
+        return None
+    return [float(v) for v in b]
 
 
 def _check_image(path: str) -> tuple[str, int, int]:
@@ -131,6 +177,12 @@ def _check_image(path: str) -> tuple[str, int, int]:
     try:
         with Image.open(path) as im:
             if im.format not in TF_FORMATS:
+                return "undecodable", 0, 0
+            if (im.format == "BMP" and im.mode == "1") or (
+                im.format == "WEBP" and (im.mode == "RGBA" or getattr(im, "n_frames", 1) > 1)
+            ):
+                # Variants PIL reads and tf.io.decode_image refuses (1-bit BMP, WebP with
+                # alpha, animated WebP): dropped at decode time, they would go uncounted.
                 return "undecodable", 0, 0
             w, h = im.size
             return ("ok" if im.mode == "RGB" else "converted"), h, w
@@ -155,12 +207,31 @@ def load_folder(
     if category_ids is None:
         category_ids, _ = categories(data)
     to_label = {cid: k + 1 for k, cid in enumerate(category_ids)}
-    stats = DataStats(images_listed=len(data.get("images", [])))
+    images = _records(data, "images")
+    stats = DataStats(images_listed=len(images))
     per_image: dict[int, list[dict[str, Any]]] = {}
-    for a in data.get("annotations", []):
-        per_image.setdefault(a["image_id"], []).append(a)
+    for i, a in enumerate(_records(data, "annotations")):
+        per_image.setdefault(_int_id(a, f"annotations[{i}]", "image_id"), []).append(a)
+    listed: dict[int, str] = {}
+    for i, img in enumerate(images):
+        iid = _int_id(img, f"images[{i}]")
+        if not isinstance(img.get("file_name"), str):
+            raise ValueError(
+                f"images[{i}] (id {iid}): file_name {img.get('file_name')!r} is not a path"
+            )
+        for key in ("width", "height"):
+            v = img.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                raise ValueError(f"images[{i}] (id {iid}): {key} {v!r} is not a size in pixels")
+        if iid in listed:
+            # Two files under one id would share one image's boxes (and the evaluation's).
+            raise ValueError(
+                f"images[{i}]: id {iid} ({img['file_name']}) repeats the id of {listed[iid]}"
+            )
+        listed[iid] = img["file_name"]
     paths, ids, counts, boxes, labels, crowd = [], [], [], [], [], []
-    for img in sorted(data.get("images", []), key=lambda x: x["id"]):
+    mismatched: list[str] = []
+    for img in sorted(images, key=lambda x: x["id"]):
         path = os.path.join(image_dir, img["file_name"])
         h, w = img.get("height"), img.get("width")
         if validate or not (h and w):
@@ -168,6 +239,14 @@ def load_folder(
             if status in ("missing", "undecodable"):
                 setattr(stats, status, getattr(stats, status) + 1)
                 stats.skipped_files.append(path)
+                continue
+            if h and w and (h, w) != (hh, ww):
+                # Boxes are in the JSON's pixel frame, the network sees the file's pixels:
+                # normalising by either size would place the boxes wrongly (docs/design.md,
+                # image sizes and EXIF orientation).
+                stats.size_mismatch += 1
+                stats.skipped_files.append(path)
+                mismatched.append(f"{path} (JSON {w}x{h}, file {ww}x{hh})")
                 continue
             stats.converted_to_rgb += status == "converted"
             h, w = h or hh, w or ww
@@ -177,10 +256,15 @@ def load_folder(
             if a.get("category_id") not in to_label:
                 stats.unknown_category += 1
                 continue
-            x, y, bw, bh = (float(v) for v in a["bbox"])
+            bbox = bbox_of(a)
+            if bbox is None:
+                stats.no_bbox += 1
+                continue
+            x, y, bw, bh = bbox
             box = [x / w, y / h, (x + bw) / w, (y + bh) / h]
             finite = all(math.isfinite(v) for v in box)
-            if not finite or bw <= 0 or bh <= 0:
+            outside = box[0] >= 1 or box[1] >= 1 or box[2] <= 0 or box[3] <= 0
+            if not finite or bw <= 0 or bh <= 0 or outside:
                 stats.boxes_invalid += 1
             elif min(box) < 0 or max(box) > 1:
                 stats.boxes_clipped += 1
@@ -194,6 +278,14 @@ def load_folder(
         paths.append(path)
         ids.append(int(img["id"]))
         counts.append(n)
+    if mismatched:
+        logging.warning(
+            "%s: %d images skipped whose width/height differ from the image file, e.g. %s; "
+            "boxes must be in the stored pixels' frame (EXIF orientation is not applied)",
+            annotation_file,
+            len(mismatched),
+            "; ".join(mismatched[:3]),
+        )
     stats.images_used = len(paths)
     logging.info(stats.report(annotation_file))
     return FolderRecords(
@@ -209,12 +301,47 @@ def load_folder(
 
 def ground_truth(annotation_file: str, records: FolderRecords | None = None) -> dict[str, Any]:
     """The COCO GT dict for pycocotools: the JSON itself (crowd kept), restricted to the images
-    the pipeline actually evaluates when `records` is given (skipped files are left out)."""
+    the pipeline actually evaluates when `records` is given (skipped files are left out).
+
+    Annotations without a `bbox` of 4 numbers (`DataStats.no_bbox`) or whose box cannot be
+    matched (non-finite, zero or negative size, wholly outside the image: `boxes_invalid`) are
+    left out, as from the training targets: they counted as missed objects. The keys
+    pycocotools reads but COCO exports from other tools often omit get COCO's defaults:
+    `iscrowd` 0, `area` w·h, a unique `id`. Without them the evaluation, at the end of
+    training, stopped on a KeyError."""
     data = load_json(annotation_file)
+    sizes = {i.get("id"): (i.get("width"), i.get("height")) for i in _records(data, "images")}
+
+    def usable(a: dict[str, Any], b: list[float]) -> bool:
+        """The rule of the training targets (`pipeline.sanitize`): finite, positive width and
+        height, not wholly outside the image. Other boxes can never be matched."""
+        x, y, bw, bh = b
+        if not all(math.isfinite(v) for v in b) or bw <= 0 or bh <= 0:
+            return False
+        w, h = sizes.get(a.get("image_id"), (None, None))
+        return not (w and h and (x >= w or y >= h or x + bw <= 0 or y + bh <= 0))
+
+    anns = [
+        (a, b)
+        for a in _records(data, "annotations")
+        if (b := bbox_of(a)) is not None and usable(a, b)
+    ]
     if records is not None:
         keep = set(records.image_ids.tolist())
-        data["images"] = [i for i in data["images"] if i["id"] in keep]
-        data["annotations"] = [a for a in data.get("annotations", []) if a["image_id"] in keep]
+        data["images"] = [i for i in _records(data, "images") if i["id"] in keep]
+        anns = [(a, b) for a, b in anns if a.get("image_id") in keep]
+    used = {a["id"] for a, _ in anns if isinstance(a.get("id"), int)}
+    next_id = max(used, default=0) + 1
+    data["annotations"] = []
+    for a, (_, _, w, h) in anns:
+        a = dict(a)
+        if not isinstance(a.get("id"), int) or a["id"] not in used:
+            a["id"], next_id = next_id, next_id + 1
+        used.discard(a["id"])  # a repeated id gets a new one
+        a["iscrowd"] = int(bool(a.get("iscrowd", 0)))  # as the training targets read it
+        if isinstance(a.get("area"), bool) or not isinstance(a.get("area"), (int, float)):
+            a["area"] = w * h
+        data["annotations"].append(a)
     data.setdefault("info", {})
     data.setdefault("licenses", [])
     return data

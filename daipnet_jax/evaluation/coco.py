@@ -175,6 +175,22 @@ class CocoEvaluator:
                 boxes[b][keep], scores[b][keep], classes[b][keep], image_ids[b], orig_sizes[b]
             )
 
+    def leave_out_unevaluated(self) -> list[int]:
+        """Restricts the ground truth to the images that were added and returns the ids of the
+        others. The evaluation pipeline drops an image it cannot decode (a header that reads,
+        data that does not); its objects would otherwise count as missed detections."""
+        if self.ground_truth is None:
+            return []
+        listed = [int(i["id"]) for i in self.ground_truth.get("images", [])]
+        lost = sorted(set(listed) - self.image_ids)
+        if lost:
+            gt = dict(self.ground_truth)
+            gt["images"] = [i for i in gt["images"] if int(i["id"]) in self.image_ids]
+            anns = gt.get("annotations", [])
+            gt["annotations"] = [a for a in anns if int(a["image_id"]) in self.image_ids]
+            self.ground_truth = gt
+        return lost
+
     def write_results(self, path: str) -> str:
         """Writes the results list as JSON to `path` (a file, or a directory: server file name)."""
         if os.path.isdir(path):

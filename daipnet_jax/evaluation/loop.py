@@ -194,8 +194,18 @@ def evaluate(
             "data.eval_split" if config.data.source == "tfds" else "data.eval_image_dir",
             "the evaluation data yielded no image; no metrics were written",
         )
+    lost = evaluator.leave_out_unevaluated() if hasattr(evaluator, "leave_out_unevaluated") else []
+    if lost:
+        logging.warning(
+            "evaluation: %d images could not be decoded and are left out of the metrics (ids %s%s)",
+            len(lost),
+            lost[:10],
+            " ..." if len(lost) > 10 else "",
+        )
     metrics = dict(evaluator.evaluate())
     metrics["num_images"] = images
+    if lost:
+        metrics["images_not_decoded"] = len(lost)
     metrics["seconds"] = seconds
     metrics["images_per_s"] = images / seconds if seconds > 0 else 0.0
     noun = "image" if images == 1 else "images"
@@ -283,6 +293,13 @@ def make_evaluator_for(
 
     category_ids, names = label_map if label_map is not None else data.label_map(config)
     gt = ground_truth if ground_truth is not None else data.eval_ground_truth(config)
+    if config.data.source != "tfds" and gt.get("images") and not gt.get("annotations"):
+        # COCO test-dev mode is meant for tfds' test split; for a folder it is likely the
+        # wrong file, and the run would otherwise end without metrics and without saying why.
+        logging.warning(
+            "%s has no annotations: the evaluation writes detections only, no metrics",
+            config.data.eval_annotation_file or config.data.source,
+        )
     return make_evaluator(config, gt, [0, *category_ids], class_names=names)
 
 
