@@ -64,39 +64,24 @@ def palette(num_classes: int) -> list[tuple[int, int, int]]:
 
 
 def label_map_for(config: Any) -> tuple[list[int], list[str]]:
-    """(category ids, names) of labels 1..K, in the data package's label order
-    (`data.label_map`): the tfds builder's table, or the categories of the folder source's
-    annotation file when it exists (read directly: no dataset is generated just for names; the
-    generator's shape names when it is not written yet); else the COCO / VOC names for 81 / 21 classes, else `class k`, with ids 1..K."""
+    """(category ids, names) of labels 1..K: the data source's own table (`data.label_map`,
+    the one training used) when its files are there; the generator's shape names for a
+    generated dataset not written yet (nothing is generated just for names); else the COCO / VOC
+    names for 81 / 21 classes, else `class k`, with ids 1..K."""
+    from daipnet_jax.data import sources
+
     k = int(config.model.num_classes) - 1
     ids: list[int] = []
     names: list[str] = []
-    d = config.data
+    source = sources.get(config) if config.data.source in sources.SOURCES else None
     try:
-        if d.source == "tfds":
-            from daipnet_jax.data import tfds_sources
+        if isinstance(source, sources.GeneratedSource) and not source.written(config):
+            from daipnet_jax.data.generated import SHAPES
 
-            ids, names = tfds_sources.label_map(d.tfds_name)
-        else:
-            from daipnet_jax.data import coco_folder
-
-            if d.source == "generated":
-                root = d.data_dir or os.path.join(
-                    os.path.expanduser("~"), ".cache", "daipnet_jax", "generated"
-                )
-                candidates = [os.path.join(root, f"instances_{s}.json") for s in ("val", "train")]
-            else:  # the training file first, as `data.label_map`: it defines the labels
-                candidates = [d.get("annotation_file", ""), d.get("eval_annotation_file", "")]
-            for ann in candidates:
-                if ann and os.path.exists(ann):
-                    ids, names = coco_folder.categories(coco_folder.load_json(ann))
-                    break
-            else:
-                if d.source == "generated":  # not written yet: the generator's own table
-                    from daipnet_jax.data.generated import SHAPES
-
-                    ids, names = list(range(1, k + 1)), list(SHAPES[:k])
-    except Exception:  # names are cosmetic: fall back below
+            ids, names = list(range(1, k + 1)), list(SHAPES[:k])
+        elif source is not None:
+            ids, names = source.label_map(config)
+    except (OSError, ValueError):  # names are cosmetic: the data may be gone; fall back below
         ids, names = [], []
     if len(names) == k and len(ids) == k:
         return [int(i) for i in ids], [str(n) for n in names]

@@ -201,6 +201,29 @@ def test_load_image_decodes_as_the_evaluation_pipeline(tmp_path):
     assert np.abs(got - scaled[..., None]).max() <= 1
 
 
+def test_label_map_for_without_the_data(tmp_path):
+    """predict and export name classes without needing (or writing) the training data: the
+    generator's names for a generated set not written yet (and nothing is written), the
+    builder's table for tfds, COCO's names for 81 classes whose folder is gone."""
+    from daipnet_jax.data.generated import SHAPES
+    from daipnet_jax.data.tfds_sources import COCO_CATEGORY_IDS, COCO_NAMES
+    from daipnet_jax.predict import label_map_for
+
+    c = base_config("daipnet300", "generated", width=0.125)
+    c.data.data_dir = str(tmp_path / "not_written")
+    assert label_map_for(c) == ([1, 2, 3], list(SHAPES[:3]))
+    assert not (tmp_path / "not_written").exists()
+    assert label_map_for(base_config("daipnet300", "coco")) == (
+        list(COCO_CATEGORY_IDS),
+        list(COCO_NAMES),
+    )
+    gone = base_config("daipnet300", "coco_folder")
+    gone.data.annotation_file = str(tmp_path / "gone.json")
+    assert label_map_for(gone) == (list(COCO_CATEGORY_IDS), list(COCO_NAMES))
+    gone.model.num_classes = 3
+    assert label_map_for(gone) == ([1, 2], ["class 1", "class 2"])
+
+
 def test_predict_json_carries_the_users_category_ids(tmp_path):
     """Labels are 1..K; the JSON also names the dataset's own category id. The names and ids
     come from the training annotation file, as the labels do: an evaluation file listing only

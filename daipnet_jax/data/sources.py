@@ -150,6 +150,11 @@ class GeneratedSource(CocoFolderSource):
         )
 
     @classmethod
+    def written(cls, config: Any) -> bool:
+        """Whether the folder holds a generated dataset (any parameters)."""
+        return os.path.exists(os.path.join(cls._wanted(config)[0], "meta.json"))
+
+    @classmethod
     def warn_if_different(cls, config: Any) -> None:
         """Log (once per call; `validate_inputs` calls it once per run) when the existing
         folder was written with other `data.generated_*` values than the config's."""
