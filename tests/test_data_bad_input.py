@@ -576,3 +576,24 @@ def test_train_cli_refuses_a_repeated_image_id_in_one_line(tmp_path):
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert f"{ann}: images[2]: id 2 (2.jpg) repeats the id of 1.jpg" in line
     assert not (tmp_path / "run").exists()  # nothing left behind
+
+
+def test_image_headers_are_read_in_order_with_progress(tmp_path, caplog):
+    """The threaded header check returns exactly the serial answers, in the images' order, and
+    says how far it is on a large folder (docs/design.md, image header check)."""
+    paths = []
+    for i in range(40):
+        path = tmp_path / f"{i}.png"
+        if i % 7 == 3:
+            path.write_bytes(b"not an image")
+        elif i % 11 != 5:  # 5, 16, 27, 38: missing
+            Image.new("L" if i % 2 else "RGB", (10 + i, 20)).save(path)
+        paths.append(str(path))
+    serial = [coco_folder._check_image(p) for p in paths]
+    assert {s for s, _, _ in serial} == {"ok", "converted", "missing", "undecodable"}
+    with caplog.at_level(logging.INFO):
+        threaded = list(coco_folder._check_images(paths, "a.json", log_every_s=0.0))
+    assert threaded == serial
+    progress = [r.getMessage() for r in caplog.records if "image headers checked" in r.getMessage()]
+    assert progress and progress[0].startswith("a.json: image headers checked ")
+    assert all("ETA" in m for m in progress) and f"/{len(paths)}" in progress[-1]

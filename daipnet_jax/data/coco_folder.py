@@ -10,11 +10,14 @@ Everything is summarised in a `DataStats` logged when the pipeline is built.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
 import math
 import os
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -22,6 +25,8 @@ import numpy as np
 # Formats tf.io.decode_image can decode. MPO is a JPEG with further frames appended (PIL's name
 # for many phone and stereo-camera photos); TensorFlow decodes its first frame.
 TF_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP")
+#: Threads reading image headers at start-up (docs/design.md, "Image header check").
+HEADER_THREADS = 16
 
 
 @dataclasses.dataclass
@@ -190,6 +195,27 @@ def _check_image(path: str) -> tuple[str, int, int]:
         return "undecodable", 0, 0
 
 
+def _check_images(paths: list[str], name: str, log_every_s: float = 10.0) -> Iterator[tuple]:
+    """`_check_image` of each path, in order. The headers are read by a pool of threads (the
+    work is file opening: on a network file system mostly waiting), with a progress line and
+    an ETA every `log_every_s` seconds for a large folder."""
+    if not paths:
+        return iter(())
+    start = last = time.perf_counter()
+    out = []
+    with concurrent.futures.ThreadPoolExecutor(HEADER_THREADS) as pool:
+        for n, result in enumerate(pool.map(_check_image, paths), 1):
+            out.append(result)
+            now = time.perf_counter()
+            if now - last >= log_every_s and n < len(paths):
+                eta = (len(paths) - n) * (now - start) / n
+                logging.info(
+                    "%s: image headers checked %d/%d, ETA %.0f s", name, n, len(paths), eta
+                )
+                last = now
+    return iter(out)
+
+
 def load_folder(
     annotation_file: str,
     image_dir: str,
@@ -231,11 +257,20 @@ def load_folder(
         listed[iid] = img["file_name"]
     paths, ids, counts, boxes, labels, crowd = [], [], [], [], [], []
     mismatched: list[str] = []
-    for img in sorted(images, key=lambda x: x["id"]):
+    images = sorted(images, key=lambda x: x["id"])
+    headers = _check_images(
+        [
+            os.path.join(image_dir, img["file_name"])
+            for img in images
+            if validate or not (img.get("height") and img.get("width"))
+        ],
+        annotation_file,
+    )
+    for img in images:
         path = os.path.join(image_dir, img["file_name"])
         h, w = img.get("height"), img.get("width")
         if validate or not (h and w):
-            status, hh, ww = _check_image(path)
+            status, hh, ww = next(headers)
             if status in ("missing", "undecodable"):
                 setattr(stats, status, getattr(stats, status) + 1)
                 stats.skipped_files.append(path)
