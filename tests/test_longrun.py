@@ -196,6 +196,10 @@ def test_interrupted_run_with_damaged_checkpoint_resumes_exactly(trained, tmp_pa
     assert "resumed from" in proc.stdout and "checkpoints/2 (data position 2, record 4)" in (
         proc.stdout
     )
+    # The resumed run starts its stream at record 4 (not by replaying from 0), so the record
+    # index it stores counts from the start of the stream: 4 steps of 2 usable images = 8.
+    meta = json.loads((workdir / "checkpoints" / "4" / "meta" / "metadata").read_text())
+    assert meta["data_position"] == 4 and meta["record_index"] == [4 * 2]
     want = jax.tree_util.tree_leaves_with_path(load_variables(trained["workdir"], step=4))
     got = jax.tree_util.tree_leaves_with_path(load_variables(workdir, step=4))
     assert [p for p, _ in got] == [p for p, _ in want]

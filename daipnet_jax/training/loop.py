@@ -104,11 +104,16 @@ def _any_process(flag: bool) -> bool:
 
 
 def _default_train_iter(
-    config: ml_collections.ConfigDict, process_index: int, process_count: int
+    config: ml_collections.ConfigDict,
+    process_index: int,
+    process_count: int,
+    *,
+    start_index: int = 0,
 ) -> Iterator[dict[str, Any]]:
     from daipnet_jax import data  # tf.data only when the package's pipeline is used
 
-    return data.make_train_iterator(config, process_index, process_count)
+    # `start_index` is what makes `_positioned_iter` resume by record index (not by replay).
+    return data.make_train_iterator(config, process_index, process_count, start_index=start_index)
 
 
 def _source_examples(config: ml_collections.ConfigDict) -> int:
