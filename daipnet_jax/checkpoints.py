@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -49,6 +50,11 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit the configured model."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A training checkpoint that could not be written (disk full, file too large, the folder
+    gone); the message names the step, the file and the newest complete checkpoint."""
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
@@ -95,6 +101,23 @@ def _drop_closed_loop_noise() -> None:
         sys.excepthook = on_exception
 
 
+class _OrbaxErrorsWithoutTraceback(logging.Filter):
+    """Keeps orbax's error records to their one line: a failed save is reported as one
+    `CheckpointWriteError`, and orbax's background threads log its traceback four times."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_orbax_tracebacks() -> None:
+    """Install `_OrbaxErrorsWithoutTraceback` on the logger orbax writes to (absl's). Idempotent."""
+    absl_log = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxErrorsWithoutTraceback) for f in absl_log.filters):
+        absl_log.addFilter(_OrbaxErrorsWithoutTraceback())
+
+
 def unreadable_warning(directory: Path, step: int, error: BaseException, action: str) -> None:
     log.warning(
         "checkpoint %s/%d does not restore (%s); %s",
@@ -116,14 +139,59 @@ def checkpoint_dir(workdir: str | os.PathLike[str]) -> Path:
     return path / CHECKPOINT_DIR
 
 
+def _write_failure(error: BaseException) -> str:
+    """The reason a save failed, short: the OS error and the file when orbax names them."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:  # an OSError with its file, anywhere in the chain
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.filename:
+            return f"{e.strerror or e}: {e.filename}"
+        e = e.__cause__ or e.__context__
+    text = str(error)
+    code = re.search(r"os_error_code='(\d+)'", text)
+    file = re.search(r'Failed writing: "([^"]+)"', text)
+    if code and file:  # tensorstore's message holds both
+        return f"{os.strerror(int(code.group(1)))}: {file.group(1)}"
+    return _first_line(error)
+
+
 class Checkpointer:
-    """Thin wrapper over `ocp.CheckpointManager` with items `state` (pytree) and `meta` (JSON)."""
+    """Thin wrapper over `ocp.CheckpointManager` with items `state` (pytree) and `meta` (JSON).
+
+    A save that fails (disk full, file too large, the folder removed) raises
+    `CheckpointWriteError` naming the step, the reason and the newest complete checkpoint, and
+    its unfinished folder is removed; a writer (`create`) also removes unfinished folders that
+    earlier runs left (killed mid-save)."""
 
     def __init__(self, directory: str | os.PathLike[str], keep: int = 3, *, create: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=create)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=int(keep), create=create, cleanup_tmp_directories=create
+        )
         self.directory = Path(directory).resolve()
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=(STATE_ITEM, "meta"), options=options
+        )
+        self._pending: int | None = None  # the step of the save that may still be running
+        # a failed asynchronous save reports "Event loop is closed", and orbax logs tracebacks
+        _drop_closed_loop_noise()
+        _quiet_orbax_tracebacks()
+
+    def _failed(self, error: BaseException) -> CheckpointWriteError:
+        step = self._pending
+        self._pending = None
+        if jax.process_index() == 0:  # an unfinished folder only holds disk space
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        if not self.directory.is_dir():
+            reason = f"the folder {self.directory} no longer exists"
+        else:
+            reason = _write_failure(error)
+        steps = saved_steps(self.directory)
+        last = f"{self.directory}/{steps[-1]}" if steps else "none"
+        return CheckpointWriteError(
+            f"checkpoint {self.directory}/{step} could not be written ({reason}); "
+            f"the newest complete checkpoint is {last}"
         )
 
     def latest_step(self) -> int | None:
@@ -133,14 +201,20 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Start an (asynchronous) save; device buffers are copied before this returns."""
-        self.manager.save(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+        """Start an (asynchronous) save; device buffers are copied before this returns. Raises
+        `CheckpointWriteError` for this save or the previous one (which it waits for)."""
+        self.wait()
+        self._pending = int(step)
+        try:
+            self.manager.save(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+        except Exception as e:
+            raise self._failed(e) from e
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Restore onto `abstract_state`'s structure and shardings (`jax.ShapeDtypeStruct`s)."""
@@ -187,10 +261,15 @@ class Checkpointer:
         return None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the running save; `CheckpointWriteError` when it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(e) from e
+        self._pending = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 

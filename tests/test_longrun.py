@@ -274,6 +274,44 @@ def test_evaluate_errors_name_the_step(trained, tmp_path):
     assert _hashes(workdir) == before
 
 
+def _file_size_limit(limit: int):
+    """A `preexec_fn`: files the process writes may not grow past `limit` bytes (a full disk
+    without root; Python ignores SIGXFSZ, so a write fails with EFBIG)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.slow  # shares the trained workdir
+def test_checkpoint_that_cannot_be_written_is_one_line_and_resumable(trained, tmp_path):
+    """A resume whose checkpoint 6 cannot be written (files capped at 100 kB: the array files
+    are larger) ends with one line naming step 6, the file and the newest complete
+    checkpoint, exit 2; no unfinished folder is left, steps 2 and 4 are unchanged, and the
+    next run without the cap resumes from 4 and saves 6."""
+    workdir = _copy(trained, tmp_path)
+    kept = {k: v for k, v in _hashes(workdir).items() if k.startswith("checkpoints/")}
+    proc = subprocess.run(
+        [sys.executable, REPO / "train.py", f"--workdir={workdir}", "--config.train.total_steps=6"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_file_size_limit(100_000),
+    )
+    line = _error_line(proc)
+    ck = workdir / "checkpoints"
+    assert line.startswith(f"error: checkpoint {ck}/6 could not be written (File too large: "), line
+    assert f"{ck}/6.orbax-checkpoint-tmp" in line  # the file
+    assert line.endswith(f"the newest complete checkpoint is {ck}/4"), line
+    assert sorted(p.name for p in ck.iterdir()) == ["2", "4"]
+    assert {k: v for k, v in _hashes(workdir).items() if k.startswith("checkpoints/")} == kept
+    proc = _run(["train.py", f"--workdir={workdir}", "--config.train.total_steps=6"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {ck}/4 " in proc.stdout
+    assert sorted(p.name for p in ck.iterdir()) == ["2", "4", "6"]
+
+
 def test_resume_of_a_finished_run_says_so(trained, tmp_path):
     """train.py on a workdir already at its last step trains nothing, says so, and leaves the
     checkpoints as they were."""
