@@ -102,20 +102,32 @@ def _drop_closed_loop_noise() -> None:
 
 
 class _OrbaxErrorsWithoutTraceback(logging.Filter):
-    """Keeps orbax's error records to their one line: a failed save is reported as one
-    `CheckpointWriteError`, and orbax's background threads log its traceback four times."""
+    """Keeps the records of orbax's failures to their message: a failed save is reported as
+    one `CheckpointWriteError`, and orbax's threads (and asyncio, for its unawaited tasks) log
+    its traceback several times."""
+
+    ORBAX = f"{os.sep}orbax{os.sep}"
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+        if not record.exc_info:
+            return True
+        tb = record.exc_info[2]
+        files = [record.pathname]
+        while tb is not None:
+            files.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        if any(self.ORBAX in f for f in files):
             record.exc_info, record.exc_text = None, None
         return True
 
 
 def _quiet_orbax_tracebacks() -> None:
-    """Install `_OrbaxErrorsWithoutTraceback` on the logger orbax writes to (absl's). Idempotent."""
-    absl_log = logging.getLogger("absl")
-    if not any(isinstance(f, _OrbaxErrorsWithoutTraceback) for f in absl_log.filters):
-        absl_log.addFilter(_OrbaxErrorsWithoutTraceback())
+    """Install `_OrbaxErrorsWithoutTraceback` on the loggers orbax's failures reach (absl's,
+    asyncio's). Idempotent."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OrbaxErrorsWithoutTraceback) for f in logger.filters):
+            logger.addFilter(_OrbaxErrorsWithoutTraceback())
 
 
 def unreadable_warning(directory: Path, step: int, error: BaseException, action: str) -> None:
