@@ -599,6 +599,58 @@ def save_variables(
     return directory
 
 
+# ------------------------------------------------------------------ one training per workdir
+LOCK_FILE = ".train.lock"
+
+
+class WorkdirLock:
+    """An exclusive `flock` on `WORKDIR/.train.lock`, held by the training that writes the
+    workdir until `release()` (or until its process ends, however it ends: a killed run leaves
+    no stale lock). A second training on the same workdir is refused with a `ConfigError`
+    naming the holder (pid, host, start time, which the holder writes into the file). A file
+    system without `flock` gets a warning and no lock (docs/design.md, one training per
+    workdir)."""
+
+    def __init__(self, workdir: str | os.PathLike[str]):
+        import datetime
+        import fcntl
+        import socket
+
+        from daipnet_jax.config import ConfigError
+
+        self.path = Path(workdir).resolve() / LOCK_FILE
+        self._file: Any = open(self.path, "a+")  # noqa: SIM115 (held open while training)
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self.release()
+            raise ConfigError(
+                "--workdir",
+                f"{self.path.parent} is in use by another training ({holder}); wait for it "
+                "to end or use another --workdir",
+            ) from e
+        except OSError as e:  # no locks on this file system (ENOLCK, EOPNOTSUPP, ...)
+            log.warning(
+                "%s: file locks are not supported here (%s); nothing stops a second training "
+                "from writing this workdir at the same time",
+                self.path,
+                e.strerror or e,
+            )
+        self._file.seek(0)
+        self._file.truncate()
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        """Close the file, which drops the lock (the file stays: removing it would race)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 # ------------------------------------------------------------------ the workdir's config
 def saved_config_path(path: str | os.PathLike[str]) -> Path:
     """`WORKDIR/config.json` of a workdir (or of the workdir above a checkpoints directory)."""

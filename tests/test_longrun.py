@@ -312,6 +312,47 @@ def test_checkpoint_that_cannot_be_written_is_one_line_and_resumable(trained, tm
     assert sorted(p.name for p in ck.iterdir()) == ["2", "4", "6"]
 
 
+@pytest.mark.slow
+def test_second_training_on_a_workdir_is_refused_and_sigkill_releases_it(generated_data, tmp_path):
+    """While train.py A trains, train.py B on the same workdir is refused in one line naming
+    A's pid, before it reads or writes anything. A killed with SIGKILL leaves no stale lock:
+    the next run resumes from A's newest complete checkpoint."""
+    workdir = tmp_path / "w"
+    common = [*TRAIN_FLAGS, *_data_flags(generated_data), f"--workdir={workdir}"]
+    log = tmp_path / "a.out"
+    with open(log, "w") as out:
+        a = subprocess.Popen(
+            [sys.executable, "train.py", *common, "--config.train.total_steps=5000"],
+            cwd=REPO,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+        )
+    try:
+        start = time.time()
+        while "first step" not in log.read_text():
+            assert a.poll() is None and time.time() - start < 300
+            time.sleep(0.1)
+        b = _run(["train.py", *common, "--config.train.total_steps=3"])  # short if not refused
+        assert a.poll() is None, "A ended before B was refused: the test proves nothing"
+        line = _error_line(b)
+        assert line.startswith(f"error: --workdir: {workdir} is in use by another training ")
+        assert f"(pid {a.pid} on " in line
+        assert "resumed from" not in b.stdout and "first step" not in b.stdout
+        while not [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]:
+            assert a.poll() is None and time.time() - start < 300
+            time.sleep(0.1)
+    finally:
+        a.kill()
+        a.wait()
+    assert a.returncode == -signal.SIGKILL
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    proc = _run(["train.py", f"--workdir={workdir}", f"--config.train.total_steps={steps[-1] + 2}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {workdir / 'checkpoints'}/{steps[-1]} " in proc.stdout
+    assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+
+
 def test_resume_of_a_finished_run_says_so(trained, tmp_path):
     """train.py on a workdir already at its last step trains nothing, says so, and leaves the
     checkpoints as they were."""

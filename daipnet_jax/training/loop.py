@@ -222,6 +222,34 @@ def train_and_evaluate(
         if is_chief and created and workdir_p.is_dir() and not any(workdir_p.iterdir()):
             workdir_p.rmdir()  # a refused run leaves no empty workdir behind
         raise
+    # One training per workdir (docs/design.md): the chief holds the lock, every process
+    # learns whether it got it (the others would otherwise wait in the first collective).
+    lock, refused = None, None
+    if is_chief:
+        try:
+            lock = checkpoints.WorkdirLock(workdir_p)
+        except config_lib.ConfigError as e:
+            refused = e
+    if _any_process(refused is not None):
+        raise refused or config_lib.ConfigError(
+            "--workdir", f"process 0 could not lock {workdir_p} (in use by another training)"
+        )
+    try:
+        return _train_locked(config, workdir_p, model, train_iter_fn, eval_fn)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(
+    config: ml_collections.ConfigDict,
+    workdir_p: Path,
+    model: nn.Module | None,
+    train_iter_fn: TrainIterFn | None,
+    eval_fn: EvalFn | None,
+) -> state_lib.TrainState:
+    """`train_and_evaluate` after its checks, with the workdir locked."""
+    is_chief = jax.process_index() == 0
     t = config.train
 
     mesh = sharding.make_mesh()
