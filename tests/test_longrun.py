@@ -594,6 +594,31 @@ def test_evaluation_errors_keep_earlier_metrics(trained, tmp_path):
                     p.chmod(0o755)
 
 
+@pytest.mark.slow  # shares the trained workdir
+def test_evaluation_outputs_that_cannot_be_written_keep_earlier_ones(trained, tmp_path):
+    """evaluate.py whose detections file cannot be written (files capped at 50 kB, the file is
+    larger): one line naming the file and the step, exit 2; every file in eval/ is as the
+    training's final evaluation left it, and no temporary file stays."""
+    workdir = _copy(trained, tmp_path)
+    before = {k: v for k, v in _hashes(workdir).items() if k.startswith("eval/")}
+    assert "eval/metrics.json" in before and "eval/metrics_4.json" in before
+    proc = subprocess.run(
+        [sys.executable, REPO / "evaluate.py", f"--workdir={workdir}"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_file_size_limit(50_000),
+    )
+    line = _error_line(proc)
+    results = [k for k in before if k.startswith("eval/detections_")]
+    assert line == (
+        f"error: {workdir / results[0]}: File too large (writing the evaluation of step 4)"
+    )
+    assert {k: v for k, v in _hashes(workdir).items() if k.startswith("eval/")} == before
+
+
 @pytest.mark.slow
 def test_sigterm_before_the_first_step_ends_at_once(generated_data, tmp_path):
     """SIGTERM while train.py reads data and compiles (before the step loop's handler) ends
