@@ -177,6 +177,9 @@ class Checkpointer:
     earlier runs left (killed mid-save)."""
 
     def __init__(self, directory: str | os.PathLike[str], keep: int = 3, *, create: bool = True):
+        if os.path.lexists(directory) and not os.path.isdir(directory):
+            # orbax would accept it and fail at the first save, after compilation and steps
+            raise CheckpointError(f"{Path(directory).resolve()} is not a folder")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(keep), create=create, cleanup_tmp_directories=create
         )
@@ -196,7 +199,8 @@ class Checkpointer:
             for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
                 shutil.rmtree(tmp, ignore_errors=True)
         if not self.directory.is_dir():
-            reason = f"the folder {self.directory} no longer exists"
+            state = "is not a folder" if self.directory.exists() else "no longer exists"
+            reason = f"the folder {self.directory} {state}"
         else:
             reason = _write_failure(error)
         steps = saved_steps(self.directory)

@@ -312,6 +312,18 @@ def test_checkpoint_that_cannot_be_written_is_one_line_and_resumable(trained, tm
     assert sorted(p.name for p in ck.iterdir()) == ["2", "4", "6"]
 
 
+@pytest.mark.slow  # shares the trained workdir
+def test_checkpoints_path_that_is_a_file_is_refused_before_compiling(trained, tmp_path):
+    """A workdir whose `checkpoints` is a file (not a folder): one line naming it, before
+    anything is compiled (it used to fail at the first save, after the first steps)."""
+    workdir = _copy(trained, tmp_path)
+    shutil.rmtree(workdir / "checkpoints")
+    (workdir / "checkpoints").write_text("not a folder")
+    proc = _run(["train.py", f"--workdir={workdir}", "--config.train.total_steps=6"])
+    assert _error_line(proc) == f"error: {workdir / 'checkpoints'} is not a folder"
+    assert "first step" not in proc.stdout
+
+
 @pytest.mark.slow
 def test_second_training_on_a_workdir_is_refused_and_sigkill_releases_it(generated_data, tmp_path):
     """While train.py A trains, train.py B on the same workdir is refused in one line naming
