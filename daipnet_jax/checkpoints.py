@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -51,6 +52,11 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit the configured model."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A training checkpoint that could not be written (disk full, file too large, the folder
+    gone); the message names the step, the file and the newest complete checkpoint."""
 
 
 def _first_line(e: BaseException) -> str:
@@ -96,6 +102,35 @@ def _drop_closed_loop_noise() -> None:
         sys.excepthook = on_exception
 
 
+class _OrbaxErrorsWithoutTraceback(logging.Filter):
+    """Keeps the records of orbax's failures to their message: a failed save is reported as
+    one `CheckpointWriteError`, and orbax's threads (and asyncio, for its unawaited tasks) log
+    its traceback several times."""
+
+    ORBAX = f"{os.sep}orbax{os.sep}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info:
+            return True
+        tb = record.exc_info[2]
+        files = [record.pathname]
+        while tb is not None:
+            files.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        if any(self.ORBAX in f for f in files):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_orbax_tracebacks() -> None:
+    """Install `_OrbaxErrorsWithoutTraceback` on the loggers orbax's failures reach (absl's,
+    asyncio's). Idempotent."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OrbaxErrorsWithoutTraceback) for f in logger.filters):
+            logger.addFilter(_OrbaxErrorsWithoutTraceback())
+
+
 def unreadable_warning(directory: Path, step: int, error: BaseException, action: str) -> None:
     log.warning(
         "checkpoint %s/%d does not restore (%s); %s",
@@ -117,14 +152,63 @@ def checkpoint_dir(workdir: str | os.PathLike[str]) -> Path:
     return path / CHECKPOINT_DIR
 
 
+def _write_failure(error: BaseException) -> str:
+    """The reason a save failed, short: the OS error and the file when orbax names them."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:  # an OSError with its file, anywhere in the chain
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.filename:
+            return f"{e.strerror or e}: {e.filename}"
+        e = e.__cause__ or e.__context__
+    text = str(error)
+    code = re.search(r"os_error_code='(\d+)'", text)
+    file = re.search(r'Failed writing: "([^"]+)"', text)
+    if code and file:  # tensorstore's message holds both
+        return f"{os.strerror(int(code.group(1)))}: {file.group(1)}"
+    return _first_line(error)
+
+
 class Checkpointer:
-    """Thin wrapper over `ocp.CheckpointManager` with items `state` (pytree) and `meta` (JSON)."""
+    """Thin wrapper over `ocp.CheckpointManager` with items `state` (pytree) and `meta` (JSON).
+
+    A save that fails (disk full, file too large, the folder removed) raises
+    `CheckpointWriteError` naming the step, the reason and the newest complete checkpoint, and
+    its unfinished folder is removed; a writer (`create`) also removes unfinished folders that
+    earlier runs left (killed mid-save)."""
 
     def __init__(self, directory: str | os.PathLike[str], keep: int = 3, *, create: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=create)
+        if os.path.lexists(directory) and not os.path.isdir(directory):
+            # orbax would accept it and fail at the first save, after compilation and steps
+            raise CheckpointError(f"{Path(directory).resolve()} is not a folder")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=int(keep), create=create, cleanup_tmp_directories=create
+        )
         self.directory = Path(directory).resolve()
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=(STATE_ITEM, "meta"), options=options
+        )
+        self._pending: int | None = None  # the step of the save that may still be running
+        # a failed asynchronous save reports "Event loop is closed", and orbax logs tracebacks
+        _drop_closed_loop_noise()
+        _quiet_orbax_tracebacks()
+
+    def _failed(self, error: BaseException) -> CheckpointWriteError:
+        step = self._pending
+        self._pending = None
+        if jax.process_index() == 0:  # an unfinished folder only holds disk space
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        if not self.directory.is_dir():
+            state = "is not a folder" if self.directory.exists() else "no longer exists"
+            reason = f"the folder {self.directory} {state}"
+        else:
+            reason = _write_failure(error)
+        steps = saved_steps(self.directory)
+        last = f"{self.directory}/{steps[-1]}" if steps else "none"
+        return CheckpointWriteError(
+            f"checkpoint {self.directory}/{step} could not be written ({reason}); "
+            f"the newest complete checkpoint is {last}"
         )
 
     def latest_step(self) -> int | None:
@@ -134,14 +218,20 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Start an (asynchronous) save; device buffers are copied before this returns."""
-        self.manager.save(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+        """Start an (asynchronous) save; device buffers are copied before this returns. Raises
+        `CheckpointWriteError` for this save or the previous one (which it waits for)."""
+        self.wait()
+        self._pending = int(step)
+        try:
+            self.manager.save(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+        except Exception as e:
+            raise self._failed(e) from e
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Restore onto `abstract_state`'s structure and shardings (`jax.ShapeDtypeStruct`s)."""
@@ -188,10 +278,15 @@ class Checkpointer:
         return None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the running save; `CheckpointWriteError` when it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(e) from e
+        self._pending = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 
@@ -507,6 +602,58 @@ def save_variables(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+# ------------------------------------------------------------------ one training per workdir
+LOCK_FILE = ".train.lock"
+
+
+class WorkdirLock:
+    """An exclusive `flock` on `WORKDIR/.train.lock`, held by the training that writes the
+    workdir until `release()` (or until its process ends, however it ends: a killed run leaves
+    no stale lock). A second training on the same workdir is refused with a `ConfigError`
+    naming the holder (pid, host, start time, which the holder writes into the file). A file
+    system without `flock` gets a warning and no lock (docs/design.md, one training per
+    workdir)."""
+
+    def __init__(self, workdir: str | os.PathLike[str]):
+        import datetime
+        import fcntl
+        import socket
+
+        from daipnet_jax.config import ConfigError
+
+        self.path = Path(workdir).resolve() / LOCK_FILE
+        self._file: Any = open(self.path, "a+")  # noqa: SIM115 (held open while training)
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self.release()
+            raise ConfigError(
+                "--workdir",
+                f"{self.path.parent} is in use by another training ({holder}); wait for it "
+                "to end or use another --workdir",
+            ) from e
+        except OSError as e:  # no locks on this file system (ENOLCK, EOPNOTSUPP, ...)
+            log.warning(
+                "%s: file locks are not supported here (%s); nothing stops a second training "
+                "from writing this workdir at the same time",
+                self.path,
+                e.strerror or e,
+            )
+        self._file.seek(0)
+        self._file.truncate()
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        """Close the file, which drops the lock (the file stays: removing it would race)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 # ------------------------------------------------------------------ the workdir's config

@@ -164,7 +164,11 @@ def call(main: Callable[[list[str]], Any], argv: list[str]) -> Any:
             fail(f"{e.filename}: {e.strerror or e}")
         fail(str(e))
     except OSError as e:
-        message = None if _show_traceback() else _config_file_error(e)
+        if _show_traceback():
+            raise
+        if e.filename:  # an output that cannot be written (disk full, file too large, ...)
+            fail(f"{e.filename}: {e.strerror or e}")
+        message = _config_file_error(e)
         if message is None:
             raise
         fail(message)

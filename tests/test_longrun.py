@@ -196,6 +196,10 @@ def test_interrupted_run_with_damaged_checkpoint_resumes_exactly(trained, tmp_pa
     assert "resumed from" in proc.stdout and "checkpoints/2 (data position 2, record 4)" in (
         proc.stdout
     )
+    # The resumed run starts its stream at record 4 (not by replaying from 0), so the record
+    # index it stores counts from the start of the stream: 4 steps of 2 usable images = 8.
+    meta = json.loads((workdir / "checkpoints" / "4" / "meta" / "metadata").read_text())
+    assert meta["data_position"] == 4 and meta["record_index"] == [4 * 2]
     want = jax.tree_util.tree_leaves_with_path(load_variables(trained["workdir"], step=4))
     got = jax.tree_util.tree_leaves_with_path(load_variables(workdir, step=4))
     assert [p for p, _ in got] == [p for p, _ in want]
@@ -268,6 +272,97 @@ def test_evaluate_errors_name_the_step(trained, tmp_path):
     warned = [x for x in proc.stderr.splitlines() if "does not restore" in x]
     assert len(warned) == 2 and "checkpoints/4 " in warned[0] and "checkpoints/2 " in warned[1]
     assert _hashes(workdir) == before
+
+
+def _file_size_limit(limit: int):
+    """A `preexec_fn`: files the process writes may not grow past `limit` bytes (a full disk
+    without root; Python ignores SIGXFSZ, so a write fails with EFBIG)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.slow  # shares the trained workdir
+def test_checkpoint_that_cannot_be_written_is_one_line_and_resumable(trained, tmp_path):
+    """A resume whose checkpoint 6 cannot be written (files capped at 100 kB: the array files
+    are larger) ends with one line naming step 6, the file and the newest complete
+    checkpoint, exit 2; no unfinished folder is left, steps 2 and 4 are unchanged, and the
+    next run without the cap resumes from 4 and saves 6."""
+    workdir = _copy(trained, tmp_path)
+    kept = {k: v for k, v in _hashes(workdir).items() if k.startswith("checkpoints/")}
+    proc = subprocess.run(
+        [sys.executable, REPO / "train.py", f"--workdir={workdir}", "--config.train.total_steps=6"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_file_size_limit(100_000),
+    )
+    line = _error_line(proc)
+    ck = workdir / "checkpoints"
+    assert line.startswith(f"error: checkpoint {ck}/6 could not be written (File too large: "), line
+    assert f"{ck}/6.orbax-checkpoint-tmp" in line  # the file
+    assert line.endswith(f"the newest complete checkpoint is {ck}/4"), line
+    assert sorted(p.name for p in ck.iterdir()) == ["2", "4"]
+    assert {k: v for k, v in _hashes(workdir).items() if k.startswith("checkpoints/")} == kept
+    proc = _run(["train.py", f"--workdir={workdir}", "--config.train.total_steps=6"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {ck}/4 " in proc.stdout
+    assert sorted(p.name for p in ck.iterdir()) == ["2", "4", "6"]
+
+
+@pytest.mark.slow  # shares the trained workdir
+def test_checkpoints_path_that_is_a_file_is_refused_before_compiling(trained, tmp_path):
+    """A workdir whose `checkpoints` is a file (not a folder): one line naming it, before
+    anything is compiled (it used to fail at the first save, after the first steps)."""
+    workdir = _copy(trained, tmp_path)
+    shutil.rmtree(workdir / "checkpoints")
+    (workdir / "checkpoints").write_text("not a folder")
+    proc = _run(["train.py", f"--workdir={workdir}", "--config.train.total_steps=6"])
+    assert _error_line(proc) == f"error: {workdir / 'checkpoints'} is not a folder"
+    assert "first step" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_second_training_on_a_workdir_is_refused_and_sigkill_releases_it(generated_data, tmp_path):
+    """While train.py A trains, train.py B on the same workdir is refused in one line naming
+    A's pid, before it reads or writes anything. A killed with SIGKILL leaves no stale lock:
+    the next run resumes from A's newest complete checkpoint."""
+    workdir = tmp_path / "w"
+    common = [*TRAIN_FLAGS, *_data_flags(generated_data), f"--workdir={workdir}"]
+    log = tmp_path / "a.out"
+    with open(log, "w") as out:
+        a = subprocess.Popen(
+            [sys.executable, "train.py", *common, "--config.train.total_steps=5000"],
+            cwd=REPO,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+        )
+    try:
+        start = time.time()
+        while "first step" not in log.read_text():
+            assert a.poll() is None and time.time() - start < 300
+            time.sleep(0.1)
+        b = _run(["train.py", *common, "--config.train.total_steps=3"])  # short if not refused
+        assert a.poll() is None, "A ended before B was refused: the test proves nothing"
+        line = _error_line(b)
+        assert line.startswith(f"error: --workdir: {workdir} is in use by another training ")
+        assert f"(pid {a.pid} on " in line
+        assert "resumed from" not in b.stdout and "first step" not in b.stdout
+        while not [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]:
+            assert a.poll() is None and time.time() - start < 300
+            time.sleep(0.1)
+    finally:
+        a.kill()
+        a.wait()
+    assert a.returncode == -signal.SIGKILL
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    proc = _run(["train.py", f"--workdir={workdir}", f"--config.train.total_steps={steps[-1] + 2}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {workdir / 'checkpoints'}/{steps[-1]} " in proc.stdout
+    assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
 
 
 def test_resume_of_a_finished_run_says_so(trained, tmp_path):
@@ -509,6 +604,31 @@ def test_evaluation_errors_keep_earlier_metrics(trained, tmp_path):
             for p in [readonly, *readonly.rglob("*")]:
                 if p.is_dir():
                     p.chmod(0o755)
+
+
+@pytest.mark.slow  # shares the trained workdir
+def test_evaluation_outputs_that_cannot_be_written_keep_earlier_ones(trained, tmp_path):
+    """evaluate.py whose detections file cannot be written (files capped at 50 kB, the file is
+    larger): one line naming the file and the step, exit 2; every file in eval/ is as the
+    training's final evaluation left it, and no temporary file stays."""
+    workdir = _copy(trained, tmp_path)
+    before = {k: v for k, v in _hashes(workdir).items() if k.startswith("eval/")}
+    assert "eval/metrics.json" in before and "eval/metrics_4.json" in before
+    proc = subprocess.run(
+        [sys.executable, REPO / "evaluate.py", f"--workdir={workdir}"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_file_size_limit(50_000),
+    )
+    line = _error_line(proc)
+    results = [k for k in before if k.startswith("eval/detections_")]
+    assert line == (
+        f"error: {workdir / results[0]}: File too large (writing the evaluation of step 4)"
+    )
+    assert {k: v for k, v in _hashes(workdir).items() if k.startswith("eval/")} == before
 
 
 @pytest.mark.slow

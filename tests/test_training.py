@@ -255,6 +255,84 @@ def test_loop_checkpoints_eval_and_resume(tmp_path):
     assert Checkpointer(tmp_path / "checkpoints_best").all_steps() == [5]
 
 
+def test_best_checkpoint_copy_that_fails_keeps_the_previous_best(tmp_path, monkeypatch):
+    """AP improves at step 4 but copying it to checkpoints_best/ fails half-way (no space
+    left): an OSError names checkpoints_best and step 4; best.json and checkpoints_best/ still
+    hold step 2 (restorable, equal to checkpoint 2) and nothing staged is left."""
+    import json
+    import shutil
+
+    from daipnet_jax.training import train_and_evaluate
+
+    c = tiny_train_config(batch_size=2, total_steps=4, checkpoint_every_steps=2)
+    c.train.eval_every_steps = 2
+    real_copytree = shutil.copytree
+
+    def copytree(src, dst, *args, **kwargs):
+        if str(dst).endswith("/4"):
+            real_copytree(src, dst, *args, **kwargs)  # the copy is written, then space runs out
+            raise shutil.Error([(str(src), str(dst), "[Errno 28] No space left on device")])
+        return real_copytree(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copytree", copytree)
+    with pytest.raises(OSError) as err:
+        train_and_evaluate(
+            c,
+            str(tmp_path),
+            model=tiny_detector(c),
+            train_iter_fn=lambda cfg, pi, pc: synthetic_batches(cfg, pi, pc),
+            eval_fn=lambda cfg, v, s: {"AP": {2: 0.5, 4: 0.6}[s]},
+        )
+    assert err.value.filename == str(tmp_path / "checkpoints_best")
+    assert "No space left on device (copying the best checkpoint, step 4;" in str(err.value)
+    assert json.loads((tmp_path / "best.json").read_text()) == dict(step=2, metric="AP", value=0.5)
+    assert Checkpointer(tmp_path / "checkpoints_best").all_steps() == [2]
+    np.testing.assert_array_equal(
+        jax.tree_util.tree_leaves(load_variables(tmp_path / "checkpoints_best")["params"])[0],
+        jax.tree_util.tree_leaves(load_variables(tmp_path, step=2)["params"])[0],
+    )
+    assert sorted(p.name for p in tmp_path.iterdir() if "best" in p.name) == [
+        "best.json",
+        "checkpoints_best",
+    ]
+
+
+def test_best_bookkeeping_killed_between_renames_is_repaired_on_resume(tmp_path):
+    """A run killed while it swapped in a new best (after moving the previous best aside; or
+    after the folder, before best.json): the next run restores the previous best, or completes
+    the swap, so that best.json names the step in checkpoints_best/."""
+    import json
+    import shutil
+
+    from daipnet_jax.training import train_and_evaluate
+
+    c = tiny_train_config(batch_size=2, total_steps=4, checkpoint_every_steps=2)
+    c.train.eval_every_steps = 2
+    it = lambda cfg, pi, pc: synthetic_batches(cfg, pi, pc)  # noqa: E731
+
+    def run(results):
+        train_and_evaluate(
+            c, str(tmp_path), model=tiny_detector(c), train_iter_fn=it, eval_fn=results
+        )
+
+    run(lambda cfg, v, s: {"AP": {2: 0.5, 4: 0.4}[s]})
+    best_dir, best_file = tmp_path / "checkpoints_best", tmp_path / "best.json"
+    staged_4 = json.dumps(dict(step=4, metric="AP", value=0.6))
+    # killed after moving the previous best aside, before the new one was in place
+    best_dir.rename(tmp_path / ".checkpoints_best.old")
+    (tmp_path / ".best.json.tmp").write_text(staged_4)
+    run(lambda cfg, v, s: {})
+    assert Checkpointer(best_dir).all_steps() == [2]
+    assert json.loads(best_file.read_text())["step"] == 2
+    # killed after the new folder was in place, before best.json was renamed
+    shutil.rmtree(best_dir)
+    shutil.copytree(tmp_path / "checkpoints" / "4", best_dir / "4")
+    (tmp_path / ".best.json.tmp").write_text(staged_4)
+    run(lambda cfg, v, s: {})
+    assert json.loads(best_file.read_text()) == dict(step=4, metric="AP", value=0.6)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and "best" in p.name]
+
+
 @pytest.mark.slow
 def test_daipnet_overfits_generated_images(tmp_path, capsys):
     """Real model + real data pipeline + the loop: width-0.0625 DAIPNet300 on 4 generated images

@@ -191,11 +191,15 @@ class CocoEvaluator:
             self.ground_truth = gt
         return lost
 
-    def write_results(self, path: str) -> str:
-        """Writes the results list as JSON to `path` (a file, or a directory: server file name)."""
+    def write_results(self, path: str, write: Any = None) -> str:
+        """Writes the results list as JSON to `path` (a file, or a directory: server file name),
+        through `write(path, text)` when given (the evaluation loop's atomic write)."""
         if os.path.isdir(path):
             path = os.path.join(path, results_file_name(self.split, self.name))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if write is not None:
+            write(path, json.dumps(self.results))
+            return path
         with open(path, "w") as f:
             json.dump(self.results, f)
         return path

@@ -10,6 +10,8 @@ is an error (`ConfigError`) and writes nothing.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -229,6 +231,26 @@ def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def write_text_atomic(path: str, text: str, step: int | None = None) -> None:
+    """Write `text` to `path` through a temporary file renamed into place: a failed write
+    (disk full, file too large) leaves the earlier file as it was. The `OSError` raised names
+    the file and the evaluated step (the CLIs print it as one line)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise _output_error(e, path, step) from e
+
+
+def _output_error(e: OSError, path: str, step: int | None) -> OSError:
+    where = f" (writing the evaluation of step {int(step)})" if step is not None else ""
+    return OSError(e.errno, f"{e.strerror or e}{where}", e.filename or path)
+
+
 def write_metrics(
     metrics: Mapping[str, Any],
     workdir: str,
@@ -241,7 +263,9 @@ def write_metrics(
     """Writes `WORKDIR/eval/metrics.json` (+ `metrics_<step>.json`), the evaluator's results
     JSON (COCO) and TensorBoard scalars under `eval/`. Returns the metrics file path.
 
-    `partial` (a subset of the images): `eval/metrics_partial.json` only."""
+    `partial` (a subset of the images): `eval/metrics_partial.json` only. Each file is
+    replaced whole or not at all, `metrics.json` last: a write that fails (`OSError` naming the
+    file and step) leaves the earlier metrics as they were."""
     eval_dir = os.path.join(workdir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
     payload = dict(metrics)
@@ -250,17 +274,10 @@ def write_metrics(
     text = json.dumps(payload, indent=2, sort_keys=True, default=float)
     if partial:
         path = os.path.join(eval_dir, "metrics_partial.json")
-        with open(path, "w") as f:
-            f.write(text)
+        write_text_atomic(path, text, step)
         return path
-    path = os.path.join(eval_dir, "metrics.json")
-    with open(path, "w") as f:
-        f.write(text)
-    if step is not None:
-        with open(os.path.join(eval_dir, f"metrics_{int(step)}.json"), "w") as f:
-            f.write(text)
     if evaluator is not None and hasattr(evaluator, "write_results"):
-        evaluator.write_results(eval_dir)
+        evaluator.write_results(eval_dir, write=functools.partial(write_text_atomic, step=step))
     own_writer = writer is None
     if own_writer:
         from clu import metric_writers
@@ -272,10 +289,17 @@ def write_metrics(
     if evaluator is not None and hasattr(evaluator, "chart_data"):
         from daipnet_jax.evaluation import charts
 
-        charts.write_charts(evaluator.chart_data(), eval_dir, writer, int(step or 0))
+        try:
+            charts.write_charts(evaluator.chart_data(), eval_dir, writer, int(step or 0))
+        except OSError as e:  # matplotlib's error does not name the file
+            raise _output_error(e, os.path.join(eval_dir, "*.png"), step) from e
     writer.flush()
     if own_writer:
         writer.close()
+    if step is not None:
+        write_text_atomic(os.path.join(eval_dir, f"metrics_{int(step)}.json"), text, step)
+    path = os.path.join(eval_dir, "metrics.json")
+    write_text_atomic(path, text, step)
     return path
 
 

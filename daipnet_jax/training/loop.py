@@ -104,11 +104,16 @@ def _any_process(flag: bool) -> bool:
 
 
 def _default_train_iter(
-    config: ml_collections.ConfigDict, process_index: int, process_count: int
+    config: ml_collections.ConfigDict,
+    process_index: int,
+    process_count: int,
+    *,
+    start_index: int = 0,
 ) -> Iterator[dict[str, Any]]:
     from daipnet_jax import data  # tf.data only when the package's pipeline is used
 
-    return data.make_train_iterator(config, process_index, process_count)
+    # `start_index` is what makes `_positioned_iter` resume by record index (not by replay).
+    return data.make_train_iterator(config, process_index, process_count, start_index=start_index)
 
 
 def _source_examples(config: ml_collections.ConfigDict) -> int:
@@ -165,6 +170,67 @@ def _best_metric(results: dict[str, Any]) -> tuple[str, float] | None:
     return None
 
 
+def _best_paths(workdir: Path) -> tuple[Path, Path, Path, Path, Path]:
+    """checkpoints_best/, best.json and the staged / previous copies of both."""
+    best_dir, best_file = workdir / checkpoints.BEST_DIR, workdir / BEST_FILE
+    return (
+        best_dir,
+        best_file,
+        workdir / f".{checkpoints.BEST_DIR}.tmp",
+        workdir / f".{checkpoints.BEST_DIR}.old",
+        workdir / f".{BEST_FILE}.tmp",
+    )
+
+
+def _publish_best(workdir: Path, step_dir: Path, record: dict[str, Any]) -> Path:
+    """Copy the saved step `step_dir` to `WORKDIR/checkpoints_best/` and name it in best.json.
+
+    Both are staged first (the copy and `.best.json.tmp`), so a copy that fails (disk full)
+    changes neither; then three renames put them in place. A run killed between the renames
+    is completed or undone by `_recover_best`. A failure is an `OSError` naming the folder and
+    step (one line through the CLI)."""
+    best_dir, best_file, tmp, old, best_tmp = _best_paths(workdir)
+    step = int(record["step"])
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(step_dir, tmp / str(step))
+        best_tmp.write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        best_tmp.unlink(missing_ok=True)
+        # shutil.Error (the copy) lists (source, target, reason) per file: the first one
+        why = e.args[0][0][2] if isinstance(e, shutil.Error) and e.args[0] else e.strerror or e
+        raise OSError(
+            e.errno,
+            f"{why} (copying the best checkpoint, step {step}; the previous best stays)",
+            str(best_dir),
+        ) from e
+    shutil.rmtree(old, ignore_errors=True)
+    if best_dir.exists():
+        os.replace(best_dir, old)
+    os.replace(tmp, best_dir)
+    os.replace(best_tmp, best_file)
+    shutil.rmtree(old, ignore_errors=True)
+    return best_dir
+
+
+def _recover_best(workdir: Path) -> None:
+    """Undo or complete a `_publish_best` that a kill interrupted between its renames, so that
+    best.json names the step in checkpoints_best/ (chief only)."""
+    best_dir, best_file, tmp, old, best_tmp = _best_paths(workdir)
+    if not best_dir.exists() and old.exists():
+        os.replace(old, best_dir)  # killed after moving the previous best aside
+    if best_tmp.exists():
+        staged = json.loads(best_tmp.read_text())
+        if (best_dir / str(staged["step"])).is_dir():
+            os.replace(best_tmp, best_file)  # killed before renaming best.json
+        else:
+            best_tmp.unlink()
+    if best_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def initial_variables(
     config: ml_collections.ConfigDict, model: nn.Module, rng: jax.Array
 ) -> dict[str, Any]:
@@ -217,6 +283,34 @@ def train_and_evaluate(
         if is_chief and created and workdir_p.is_dir() and not any(workdir_p.iterdir()):
             workdir_p.rmdir()  # a refused run leaves no empty workdir behind
         raise
+    # One training per workdir (docs/design.md): the chief holds the lock, every process
+    # learns whether it got it (the others would otherwise wait in the first collective).
+    lock, refused = None, None
+    if is_chief:
+        try:
+            lock = checkpoints.WorkdirLock(workdir_p)
+        except config_lib.ConfigError as e:
+            refused = e
+    if _any_process(refused is not None):
+        raise refused or config_lib.ConfigError(
+            "--workdir", f"process 0 could not lock {workdir_p} (in use by another training)"
+        )
+    try:
+        return _train_locked(config, workdir_p, model, train_iter_fn, eval_fn)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(
+    config: ml_collections.ConfigDict,
+    workdir_p: Path,
+    model: nn.Module | None,
+    train_iter_fn: TrainIterFn | None,
+    eval_fn: EvalFn | None,
+) -> state_lib.TrainState:
+    """`train_and_evaluate` after its checks, with the workdir locked."""
+    is_chief = jax.process_index() == 0
     t = config.train
 
     mesh = sharding.make_mesh()
@@ -334,6 +428,8 @@ def train_and_evaluate(
         checkpointer.save(step, state, meta)
 
     best_file = workdir_p / BEST_FILE
+    if is_chief:
+        _recover_best(workdir_p)
 
     def keep_best(results: dict[str, Any]) -> None:
         """Copy this step's checkpoint to checkpoints_best/ when its AP is the best so far."""
@@ -348,20 +444,8 @@ def train_and_evaluate(
         checkpointer.wait()
         if not is_chief:
             return
-        best_dir = workdir_p / checkpoints.BEST_DIR
-        tmp = workdir_p / f".{checkpoints.BEST_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpointer.directory / str(step), tmp / str(step))
-        old = workdir_p / f".{checkpoints.BEST_DIR}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if best_dir.exists():
-            os.replace(best_dir, old)
-        os.replace(tmp, best_dir)
-        shutil.rmtree(old, ignore_errors=True)
         record_ = {"step": step, "metric": name, "value": value}
-        best_tmp = best_file.with_name(f".{BEST_FILE}.tmp")
-        best_tmp.write_text(json.dumps(record_, indent=2) + "\n")
-        os.replace(best_tmp, best_file)
+        best_dir = _publish_best(workdir_p, checkpointer.directory / str(step), record_)
         print(f"best {name} {value:.4f} at step {step}: {best_dir}/{step}", flush=True)
 
     def evaluate() -> None:
