@@ -621,8 +621,6 @@ class WorkdirLock:
         import fcntl
         import socket
 
-        from daipnet_jax.config import ConfigError
-
         self.path = Path(workdir).resolve() / LOCK_FILE
         self._file: Any = open(self.path, "a+")  # noqa: SIM115 (held open while training)
         try:
@@ -631,7 +629,7 @@ class WorkdirLock:
             self._file.seek(0)
             holder = self._file.read().strip() or "another process"
             self.release()
-            raise ConfigError(
+            raise config_lib.ConfigError(
                 "--workdir",
                 f"{self.path.parent} is in use by another training ({holder}); wait for it "
                 "to end or use another --workdir",

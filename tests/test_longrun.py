@@ -274,12 +274,18 @@ def test_evaluate_errors_name_the_step(trained, tmp_path):
     assert _hashes(workdir) == before
 
 
-def _file_size_limit(limit: int):
-    """A `preexec_fn`: files the process writes may not grow past `limit` bytes (a full disk
-    without root; Python ignores SIGXFSZ, so a write fails with EFBIG)."""
-    import resource
+_FILE_SIZE_LIMITED = (
+    "import resource, runpy, sys; n = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); "
+    "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
-    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+def _file_size_limited(limit: int, script: str, *args: str) -> list[str]:
+    """The command running `script args` in a process whose files may not grow past `limit`
+    bytes (a full disk without root; Python ignores SIGXFSZ, so a write fails with EFBIG). The
+    limit is set by the child itself: a `preexec_fn` would fork this multithreaded process."""
+    return [sys.executable, "-c", _FILE_SIZE_LIMITED, str(limit), str(REPO / script), *args]
 
 
 @pytest.mark.slow  # shares the trained workdir
@@ -291,13 +297,14 @@ def test_checkpoint_that_cannot_be_written_is_one_line_and_resumable(trained, tm
     workdir = _copy(trained, tmp_path)
     kept = {k: v for k, v in _hashes(workdir).items() if k.startswith("checkpoints/")}
     proc = subprocess.run(
-        [sys.executable, REPO / "train.py", f"--workdir={workdir}", "--config.train.total_steps=6"],
+        _file_size_limited(
+            100_000, "train.py", f"--workdir={workdir}", "--config.train.total_steps=6"
+        ),
         cwd=REPO,
         env=_env(),
         capture_output=True,
         text=True,
         timeout=600,
-        preexec_fn=_file_size_limit(100_000),
     )
     line = _error_line(proc)
     ck = workdir / "checkpoints"
@@ -615,13 +622,12 @@ def test_evaluation_outputs_that_cannot_be_written_keep_earlier_ones(trained, tm
     before = {k: v for k, v in _hashes(workdir).items() if k.startswith("eval/")}
     assert "eval/metrics.json" in before and "eval/metrics_4.json" in before
     proc = subprocess.run(
-        [sys.executable, REPO / "evaluate.py", f"--workdir={workdir}"],
+        _file_size_limited(50_000, "evaluate.py", f"--workdir={workdir}"),
         cwd=REPO,
         env=_env(),
         capture_output=True,
         text=True,
         timeout=600,
-        preexec_fn=_file_size_limit(50_000),
     )
     line = _error_line(proc)
     results = [k for k in before if k.startswith("eval/detections_")]
