@@ -225,11 +225,23 @@ def _folder_config(ann: pathlib.Path, img_dir: pathlib.Path, num_classes: int = 
     return c
 
 
+def _ap_of_perfect_detections(ground_truth: dict[str, Any], annotations: list[dict]) -> float:
+    """pycocotools AP of detections that are `annotations`' boxes (64x48 images, score 0.9)."""
+    from daipnet_jax.evaluation.coco import CocoEvaluator
+
+    ev = CocoEvaluator(ground_truth)
+    for a in annotations:
+        x, y, bw, bh = a["bbox"]
+        box = np.array([[x / 64, y / 48, (x + bw) / 64, (y + bh) / 48]])
+        label = CATS.index(a["category_id"]) + 1
+        ev.add_image(box, np.array([0.9]), np.array([label]), a["image_id"], (48, 64))
+    return ev.evaluate()["AP"]
+
+
 def test_ground_truth_fills_the_keys_pycocotools_reads(tmp_path):
     """No `area`, `iscrowd` or annotation `id` (pycocotools needs all three: the evaluation at
     the end of training raised KeyError), a segmentation-only annotation and a null bbox
     (skipped and counted, in training and in the evaluation ground truth alike)."""
-    from daipnet_jax.evaluation.coco import CocoEvaluator
 
     gt = _user_folder(tmp_path)
     gt["annotations"][1]["id"] = 5
@@ -248,20 +260,13 @@ def test_ground_truth_fills_the_keys_pycocotools_reads(tmp_path):
     assert len(anns) == 4 and len({a["id"] for a in anns}) == 4
     assert all(a["iscrowd"] == 0 and a["area"] == a["bbox"][2] * a["bbox"][3] for a in anns)
     # Perfect detections (the ground-truth boxes themselves, with the user's category ids).
-    ev = CocoEvaluator(out)
-    for a in anns:
-        x, y, bw, bh = a["bbox"]
-        box = np.array([[x / 64, y / 48, (x + bw) / 64, (y + bh) / 48]])
-        label = CATS.index(a["category_id"]) + 1
-        ev.add_image(box, np.array([0.9]), np.array([label]), a["image_id"], (48, 64))
-    assert ev.evaluate()["AP"] == pytest.approx(1.0)
+    assert _ap_of_perfect_detections(out, anns) == pytest.approx(1.0)
 
 
 def test_ground_truth_leaves_out_boxes_training_drops(tmp_path):
     """Zero-width, NaN and wholly-outside boxes are dropped from the training targets and
     counted as invalid; in the evaluation ground truth they could never be matched and
     counted as missed objects (AP 0.81, not 1, for perfect detections of the 4 real ones)."""
-    from daipnet_jax.evaluation.coco import CocoEvaluator
 
     gt = _user_folder(tmp_path, n=4)
     real = [dict(a) for a in gt["annotations"]]
@@ -273,13 +278,7 @@ def test_ground_truth_leaves_out_boxes_training_drops(tmp_path):
     assert (rec.stats.boxes_invalid, rec.stats.boxes_clipped) == (3, 0)
     out = coco_folder.ground_truth(str(ann), rec)
     assert [a["bbox"] for a in out["annotations"]] == [a["bbox"] for a in real]
-    ev = CocoEvaluator(out)
-    for a in real:
-        x, y, bw, bh = a["bbox"]
-        box = np.array([[x / 64, y / 48, (x + bw) / 64, (y + bh) / 48]])
-        label = CATS.index(a["category_id"]) + 1
-        ev.add_image(box, np.array([0.9]), np.array([label]), a["image_id"], (48, 64))
-    assert ev.evaluate()["AP"] == pytest.approx(1.0)
+    assert _ap_of_perfect_detections(out, real) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(

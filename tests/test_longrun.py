@@ -281,11 +281,18 @@ _FILE_SIZE_LIMITED = (
 )
 
 
-def _file_size_limited(limit: int, script: str, *args: str) -> list[str]:
-    """The command running `script args` in a process whose files may not grow past `limit`
-    bytes (a full disk without root; Python ignores SIGXFSZ, so a write fails with EFBIG). The
-    limit is set by the child itself: a `preexec_fn` would fork this multithreaded process."""
-    return [sys.executable, "-c", _FILE_SIZE_LIMITED, str(limit), str(REPO / script), *args]
+def _run_file_size_limited(limit: int, script: str, *args: str) -> subprocess.CompletedProcess:
+    """`script args` in a process whose files may not grow past `limit` bytes (a full disk
+    without root; Python ignores SIGXFSZ, so a write fails with EFBIG). The limit is set by the
+    child itself: a `preexec_fn` would fork this multithreaded process."""
+    return subprocess.run(
+        [sys.executable, "-c", _FILE_SIZE_LIMITED, str(limit), str(REPO / script), *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow  # shares the trained workdir
@@ -296,15 +303,8 @@ def test_checkpoint_that_cannot_be_written_is_one_line_and_resumable(trained, tm
     next run without the cap resumes from 4 and saves 6."""
     workdir = _copy(trained, tmp_path)
     kept = {k: v for k, v in _hashes(workdir).items() if k.startswith("checkpoints/")}
-    proc = subprocess.run(
-        _file_size_limited(
-            100_000, "train.py", f"--workdir={workdir}", "--config.train.total_steps=6"
-        ),
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = _run_file_size_limited(
+        100_000, "train.py", f"--workdir={workdir}", "--config.train.total_steps=6"
     )
     line = _error_line(proc)
     ck = workdir / "checkpoints"
@@ -621,14 +621,7 @@ def test_evaluation_outputs_that_cannot_be_written_keep_earlier_ones(trained, tm
     workdir = _copy(trained, tmp_path)
     before = {k: v for k, v in _hashes(workdir).items() if k.startswith("eval/")}
     assert "eval/metrics.json" in before and "eval/metrics_4.json" in before
-    proc = subprocess.run(
-        _file_size_limited(50_000, "evaluate.py", f"--workdir={workdir}"),
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _run_file_size_limited(50_000, "evaluate.py", f"--workdir={workdir}")
     line = _error_line(proc)
     results = [k for k in before if k.startswith("eval/detections_")]
     assert line == (
