@@ -683,8 +683,12 @@ def write_config(workdir: str | os.PathLike[str], config: Any) -> Path:
     file = saved_config_path(workdir)
     tmp = file.with_name(f".{CONFIG_FILE}.tmp{os.getpid()}")
     tree = config_lib.absolute_paths(config.to_dict())
-    tmp.write_text(json.dumps(tree, indent=2, sort_keys=True, default=list) + "\n")
-    os.replace(tmp, file)
+    try:
+        tmp.write_text(json.dumps(tree, indent=2, sort_keys=True, default=list) + "\n")
+        os.replace(tmp, file)
+    except OSError as e:  # disk full, file too large: one line naming the file (cli.call)
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"{e.strerror or e} (writing the run's config)", str(file)) from e
     return file
 
 
