@@ -76,6 +76,9 @@ def bad_folder(tmp_path_factory):
     anns.append(
         {"id": 999, "image_id": 1, "category_id": 77, "bbox": good_box, "area": 1, "iscrowd": 0}
     )  # unknown category
+    anns.append(
+        {"id": 1000, "image_id": 4321, "category_id": 5, "bbox": good_box, "area": 1, "iscrowd": 0}
+    )  # an image that is not listed
     gt = {"images": images, "annotations": anns, "categories": [{"id": 5, "name": "thing"}]}
     ann_file = root / "ann.json"
     ann_file.write_text(json.dumps(gt))
@@ -96,6 +99,7 @@ def test_build_time_report(bad_folder, caplog):
     assert s.images_listed == 9 and s.images_used == 6
     assert (s.missing, s.undecodable, s.converted_to_rgb) == (1, 2, 3)  # garbage + tiff undecodable
     assert s.images_without_boxes == 1 and s.unknown_category == 1
+    assert s.annotations_of_unlisted_images == 1 and "unlisted_images=1" in s.report()
     assert (s.boxes_invalid, s.boxes_clipped) == (2, 1)
     assert {pathlib.Path(p).name for p in s.skipped_files} == {
         "missing.jpg",

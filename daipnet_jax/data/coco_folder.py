@@ -41,6 +41,7 @@ class DataStats:
     converted_to_rgb: int = 0
     images_without_boxes: int = 0
     annotations: int = 0
+    annotations_of_unlisted_images: int = 0
     crowd: int = 0
     unknown_category: int = 0
     no_bbox: int = 0
@@ -255,6 +256,10 @@ def load_folder(
                 f"images[{i}]: id {iid} ({img['file_name']}) repeats the id of {listed[iid]}"
             )
         listed[iid] = img["file_name"]
+    # An annotation whose image_id names no listed image has no pixels to belong to.
+    stats.annotations_of_unlisted_images = sum(
+        len(anns) for iid, anns in per_image.items() if iid not in listed
+    )
     paths, ids, counts, boxes, labels, crowd = [], [], [], [], [], []
     mismatched: list[str] = []
     images = sorted(images, key=lambda x: x["id"])
