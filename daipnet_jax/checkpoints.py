@@ -290,14 +290,6 @@ class Checkpointer:
         self.manager.close()
 
 
-def latest_step(workdir: str | os.PathLike[str]) -> int | None:
-    """The latest saved step of a training workdir (None when there is none)."""
-    directory = checkpoint_dir(workdir)
-    if not directory.is_dir():
-        return None
-    return Checkpointer(directory, create=False).latest_step()
-
-
 # ------------------------------------------------------------------ model variables
 def abstract_variables(model: Any, config: Any) -> dict[str, Any]:
     """`{'params', 'batch_stats'}` of `model` as `jax.ShapeDtypeStruct`s (nothing computed)."""

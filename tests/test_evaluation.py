@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import coco_reference
 import numpy as np
@@ -11,7 +13,6 @@ import pytest
 from daipnet_jax.evaluation.coco import (
     COCO_METRIC_NAMES,
     CocoEvaluator,
-    coco_to_detections,
     detections_to_coco,
     label_to_category_table,
 )
@@ -50,6 +51,23 @@ def _normalise(bbox_xywh, size):
     h, w = size
     x, y, bw, bh = bbox_xywh
     return [x / w, y / h, (x + bw) / w, (y + bh) / h]
+
+
+def coco_to_detections(
+    entries: Sequence[Mapping[str, Any]],
+    orig_size: Sequence[int],
+    label_to_category: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The inverse of `detections_to_coco` for one image: (boxes [N, 4] normalised corners,
+    scores, labels), to check the round trip."""
+    inverse = {int(c): k for k, c in enumerate(label_to_category) if k > 0}
+    h, w = float(orig_size[0]), float(orig_size[1])
+    xywh = np.asarray([e["bbox"] for e in entries], np.float64).reshape(-1, 4)
+    corners = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    boxes = corners / np.asarray([w, h, w, h])
+    scores = np.asarray([e["score"] for e in entries], np.float64)
+    labels = np.asarray([inverse[int(e["category_id"])] for e in entries], np.int64)
+    return boxes, scores, labels
 
 
 def test_label_table_sorted_ids():

@@ -74,22 +74,6 @@ def detections_to_coco(
     ]
 
 
-def coco_to_detections(
-    entries: Sequence[Mapping[str, Any]],
-    orig_size: Sequence[int],
-    label_to_category: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inverse of `detections_to_coco` for one image: → (boxes [N,4] normalised corners, scores, labels)."""
-    inverse = {int(c): k for k, c in enumerate(label_to_category) if k > 0}
-    h, w = float(orig_size[0]), float(orig_size[1])
-    xywh = np.asarray([e["bbox"] for e in entries], np.float64).reshape(-1, 4)
-    corners = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-    boxes = corners / np.asarray([w, h, w, h])
-    scores = np.asarray([e["score"] for e in entries], np.float64)
-    labels = np.asarray([inverse[int(e["category_id"])] for e in entries], np.int64)
-    return boxes, scores, labels
-
-
 def _coco_from_dict(gt: Mapping[str, Any]) -> Any:
     from pycocotools.coco import COCO
 
