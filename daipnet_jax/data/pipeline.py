@@ -119,7 +119,7 @@ def example_seed(seed: int, index: tf.Tensor, process_index: int, process_count:
 
 
 # ------------------------------------------------------------------------------ datasets
-def _options(config) -> tf.data.Options:
+def _options() -> tf.data.Options:
     o = tf.data.Options()
     o.deterministic = True
     o.experimental_optimization.map_parallelization = True
@@ -263,7 +263,7 @@ def train_dataset(
         b = local_batch_size(int(config.train.batch_size), process_count)
         ds = ds.batch(b, drop_remainder=True)
     ds = ds.prefetch(int(config.data.prefetch) if config.data.prefetch > 0 else tf.data.AUTOTUNE)
-    return ds.with_options(_options(config))
+    return ds.with_options(_options())
 
 
 def eval_num_batches(num: int, batch: int, process_count: int) -> int:
@@ -301,7 +301,7 @@ def eval_dataset(
     # process yields exactly `nb` batches of static shape.
     ds = ds.concatenate(tf.data.Dataset.from_tensors(dummy).repeat()).take(nb * b)
     ds = ds.batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_options(config)), nb
+    return ds.with_options(_options()), nb
 
 
 # ------------------------------------------------------------------------------ iterators
