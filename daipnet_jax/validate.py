@@ -271,7 +271,7 @@ def validate_inputs(
         if split != "train":
             # pycocotools averages over the evaluation file's categories: one the model has no
             # label for would score 0 and pull AP down, while the per-class table omits it.
-            eval_ids, eval_names = coco_folder.categories(coco_folder.load_json(ann))
+            eval_ids, eval_names = sources.file_categories(ann)
             train_ann, _ = source.files(config, "train")
             for cid, name in zip(eval_ids, eval_names, strict=True):
                 if cid not in ids:

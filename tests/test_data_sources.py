@@ -288,3 +288,35 @@ def test_generated_dataset_cli_does_not_start_tensorflow(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stderr == "" and out.stdout.startswith("wrote ")
     assert len(os.listdir(tmp_path / "d" / "images" / "train")) == 2
+
+
+def test_label_table_is_parsed_once_per_file_version(coco_folder_config, tmp_path, monkeypatch):
+    """The label table of a folder source is asked for many times while a run starts (it was
+    parsed 14 times from the training file for one small run); each version of the file is
+    parsed once, and an edited file is read again."""
+    import json
+
+    from daipnet_jax.data import coco_folder, sources
+
+    c = coco_folder_config()
+    ann = c.data.annotation_file
+    parsed = []
+    real = coco_folder.load_json
+    monkeypatch.setattr(coco_folder, "load_json", lambda p: parsed.append(p) or real(p))
+    sources._file_categories.cache_clear()
+    want = coco_folder.categories(real(ann))
+    for _ in range(3):
+        assert data.label_map(c) == want
+    assert parsed == [ann]
+    edited = real(ann)
+    edited["categories"][0]["name"] = "renamed"
+    copy = str(tmp_path / "edited.json")
+    with open(copy, "w") as f:
+        json.dump(edited, f)
+    c.data.annotation_file = copy
+    assert data.label_map(c)[1][0] == "renamed"
+    edited["categories"][0]["name"] = "renamed again"  # another version of the same path
+    with open(copy, "w") as f:
+        json.dump(edited, f)
+    assert data.label_map(c)[1][0] == "renamed again"
+    assert parsed == [ann, copy, copy]

@@ -34,6 +34,23 @@ def _load_folder(
     )
 
 
+def file_categories(annotation_file: str) -> tuple[list[int], list[str]]:
+    """`coco_folder.categories` of an annotation file, parsed once per version of the file
+    (path, size, modification time): the label table is asked for many times while a run
+    starts, and a COCO-size instances file takes seconds to parse."""
+    st = os.stat(annotation_file)
+    ids, names = _file_categories(annotation_file, st.st_size, st.st_mtime_ns)
+    return list(ids), list(names)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_categories(
+    annotation_file: str, size: int, mtime_ns: int
+) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    ids, names = coco_folder.categories(coco_folder.load_json(annotation_file))
+    return tuple(ids), tuple(names)
+
+
 def _folder_dataset(rec: coco_folder.FolderRecords) -> tf.data.Dataset:
     lengths = rec.counts.astype(np.int64)
     return tf.data.Dataset.from_tensor_slices(
@@ -86,7 +103,7 @@ class CocoFolderSource:
         ann, _ = self.files(config, "train")
         if not ann:
             ann, _ = self.files(config, "eval")
-        return coco_folder.categories(coco_folder.load_json(ann))
+        return file_categories(ann)
 
     def folder_records(self, config: Any, split: str) -> coco_folder.FolderRecords:
         """Validated records of a split (cached per file)."""
