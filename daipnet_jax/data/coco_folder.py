@@ -174,6 +174,16 @@ def bbox_of(annotation: dict[str, Any]) -> list[float] | None:
     return [float(v) for v in b]
 
 
+def box_usable(bbox: list[float], width: float | None, height: float | None) -> bool:
+    """The rule of the training targets (`pipeline.sanitize`) on a COCO [x, y, w, h] in pixels:
+    finite, positive width and height, not wholly outside the `width`×`height` image (not
+    checked when the size is unknown). Other boxes can never be matched."""
+    x, y, bw, bh = bbox
+    if not all(math.isfinite(v) for v in bbox) or bw <= 0 or bh <= 0:
+        return False
+    return not (width and height and (x >= width or y >= height or x + bw <= 0 or y + bh <= 0))
+
+
 def _check_image(path: str) -> tuple[str, int, int]:
     """('ok' | 'converted' | 'missing' | 'undecodable', height, width) from the file header."""
     from PIL import Image
@@ -302,9 +312,7 @@ def load_folder(
                 continue
             x, y, bw, bh = bbox
             box = [x / w, y / h, (x + bw) / w, (y + bh) / h]
-            finite = all(math.isfinite(v) for v in box)
-            outside = box[0] >= 1 or box[1] >= 1 or box[2] <= 0 or box[3] <= 0
-            if not finite or bw <= 0 or bh <= 0 or outside:
+            if not box_usable(bbox, w, h):
                 stats.boxes_invalid += 1
             elif min(box) < 0 or max(box) > 1:
                 stats.boxes_clipped += 1
@@ -351,20 +359,11 @@ def ground_truth(annotation_file: str, records: FolderRecords | None = None) -> 
     training, stopped on a KeyError."""
     data = load_json(annotation_file)
     sizes = {i.get("id"): (i.get("width"), i.get("height")) for i in _records(data, "images")}
-
-    def usable(a: dict[str, Any], b: list[float]) -> bool:
-        """The rule of the training targets (`pipeline.sanitize`): finite, positive width and
-        height, not wholly outside the image. Other boxes can never be matched."""
-        x, y, bw, bh = b
-        if not all(math.isfinite(v) for v in b) or bw <= 0 or bh <= 0:
-            return False
-        w, h = sizes.get(a.get("image_id"), (None, None))
-        return not (w and h and (x >= w or y >= h or x + bw <= 0 or y + bh <= 0))
-
     anns = [
         (a, b)
         for a in _records(data, "annotations")
-        if (b := bbox_of(a)) is not None and usable(a, b)
+        if (b := bbox_of(a)) is not None
+        and box_usable(b, *sizes.get(a.get("image_id"), (None, None)))
     ]
     if records is not None:
         keep = set(records.image_ids.tolist())
