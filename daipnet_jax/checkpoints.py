@@ -21,6 +21,7 @@ devices wrote it; `check_variables` compares a tree with the model's `abstract_v
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -669,18 +670,36 @@ def read_config(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"{file} is not a readable config: {_first_line(e)}") from e
 
 
+def named_os_error(error: OSError, path: str | os.PathLike[str], doing: str = "") -> OSError:
+    """`error` (disk full, file too large, ...) as an `OSError` naming `path` and, in
+    parentheses, what was being written: one line through the CLIs (`cli.call`)."""
+    why = f"{error.strerror or error}" + (f" ({doing})" if doing else "")
+    return OSError(error.errno, why, os.fspath(path))
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str, doing: str = "") -> None:
+    """Write `text` to `path` through a temporary file beside it, renamed into place: a failed
+    write leaves the earlier file as it was and no temporary file; it raises
+    `named_os_error(..., path, doing)`."""
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise named_os_error(e, path, doing) from e
+
+
 def write_config(workdir: str | os.PathLike[str], config: Any) -> Path:
     """Write the resolved `config` to `WORKDIR/config.json` (indented, sorted; atomic), its
     paths absolute (`config.absolute_paths`): resume and evaluate may run from another folder."""
     file = saved_config_path(workdir)
-    tmp = file.with_name(f".{CONFIG_FILE}.tmp{os.getpid()}")
     tree = config_lib.absolute_paths(config.to_dict())
-    try:
-        tmp.write_text(json.dumps(tree, indent=2, sort_keys=True, default=list) + "\n")
-        os.replace(tmp, file)
-    except OSError as e:  # disk full, file too large: one line naming the file (cli.call)
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, f"{e.strerror or e} (writing the run's config)", str(file)) from e
+    text = json.dumps(tree, indent=2, sort_keys=True, default=list) + "\n"
+    write_text_atomic(file, text, "writing the run's config")
     return file
 
 

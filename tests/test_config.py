@@ -128,29 +128,37 @@ def test_first_line_is_how_errors_become_one_line():
     assert first_line(OSError("x" * 200), limit=200) == "x" * 200
 
 
-def test_config_json_that_cannot_be_written_names_the_file(tmp_path, monkeypatch):
-    """A full disk while `config.json` is written: an OSError naming the file (one line through
-    the CLIs), no temporary file left, and an earlier config.json as it was."""
-    import errno
-    import pathlib
+def test_config_json_that_cannot_be_written_names_the_file(tmp_path):
+    """A full disk while `config.json` is written (files capped at 1 kB in a child process; the
+    config is larger): an OSError naming the file (one line through the CLIs), no temporary
+    file left, and an earlier config.json as it was."""
+    import subprocess
+    import sys
 
     from daipnet_jax import checkpoints
     from daipnet_jax import config as config_lib
 
-    c = config_lib.base_config("daipnet300", "coco")
-    first = checkpoints.write_config(tmp_path, c)
+    first = checkpoints.write_config(tmp_path, config_lib.base_config("daipnet300", "coco"))
     before = first.read_text()
-    real_write = pathlib.Path.write_text
-
-    def full_disk(self, text, *args, **kwargs):
-        real_write(self, text[:10], *args, **kwargs)  # a partial write, then the error
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
-    c.train.total_steps = 5
-    with pytest.raises(OSError) as err:
-        checkpoints.write_config(tmp_path, c)
-    assert err.value.filename == str(first) and err.value.errno == errno.ENOSPC
-    assert err.value.strerror == "No space left on device (writing the run's config)"
+    code = (
+        "import errno, resource, sys\n"
+        "from daipnet_jax import checkpoints, config\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+        "c = config.base_config('daipnet300', 'coco')\n"
+        "c.train.total_steps = 5\n"
+        "try:\n"
+        "    checkpoints.write_config(sys.argv[1], c)\n"
+        "except OSError as e:\n"
+        "    print(e.filename, errno.errorcode[e.errno], e.strerror, sep='|')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().split("|") == [
+        str(first),
+        "EFBIG",
+        "File too large (writing the run's config)",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
     assert first.read_text() == before

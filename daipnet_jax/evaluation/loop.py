@@ -10,7 +10,6 @@ is an error (`ConfigError`) and writes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -27,7 +26,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from daipnet_jax import boxes as boxes_lib
-from daipnet_jax import postprocess, sharding
+from daipnet_jax import checkpoints, postprocess, sharding
 from daipnet_jax.config import ConfigError
 from daipnet_jax.evaluation.coco import CocoEvaluator
 from daipnet_jax.evaluation.voc import VocEvaluator
@@ -231,26 +230,6 @@ def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def write_text_atomic(path: str, text: str, step: int | None = None) -> None:
-    """Write `text` to `path` through a temporary file renamed into place: a failed write
-    (disk full, file too large) leaves the earlier file as it was. The `OSError` raised names
-    the file and the evaluated step (the CLIs print it as one line)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise _output_error(e, path, step) from e
-
-
-def _output_error(e: OSError, path: str, step: int | None) -> OSError:
-    where = f" (writing the evaluation of step {int(step)})" if step is not None else ""
-    return OSError(e.errno, f"{e.strerror or e}{where}", e.filename or path)
-
-
 def write_metrics(
     metrics: Mapping[str, Any],
     workdir: str,
@@ -272,12 +251,14 @@ def write_metrics(
     if step is not None:
         payload["step"] = int(step)
     text = json.dumps(payload, indent=2, sort_keys=True, default=float)
+    doing = f"writing the evaluation of step {int(step)}" if step is not None else ""
     if partial:
         path = os.path.join(eval_dir, "metrics_partial.json")
-        write_text_atomic(path, text, step)
+        checkpoints.write_text_atomic(path, text, doing)
         return path
     if evaluator is not None and hasattr(evaluator, "write_results"):
-        evaluator.write_results(eval_dir, write=functools.partial(write_text_atomic, step=step))
+        write = functools.partial(checkpoints.write_text_atomic, doing=doing)
+        evaluator.write_results(eval_dir, write=write)
     own_writer = writer is None
     if own_writer:
         from clu import metric_writers
@@ -292,14 +273,16 @@ def write_metrics(
         try:
             charts.write_charts(evaluator.chart_data(), eval_dir, writer, int(step or 0))
         except OSError as e:  # matplotlib's error does not name the file
-            raise _output_error(e, os.path.join(eval_dir, "*.png"), step) from e
+            png = e.filename or os.path.join(eval_dir, "*.png")
+            raise checkpoints.named_os_error(e, png, doing) from e
     writer.flush()
     if own_writer:
         writer.close()
     if step is not None:
-        write_text_atomic(os.path.join(eval_dir, f"metrics_{int(step)}.json"), text, step)
+        step_file = os.path.join(eval_dir, f"metrics_{int(step)}.json")
+        checkpoints.write_text_atomic(step_file, text, doing)
     path = os.path.join(eval_dir, "metrics.json")
-    write_text_atomic(path, text, step)
+    checkpoints.write_text_atomic(path, text, doing)
     return path
 
 
